@@ -1,0 +1,36 @@
+"""Vanilla top-k routing: the baseline, identical to Megatron-Core's routing."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import GateConfig, RoutingContext, TopKParams
+from ..routing import Routing, routing_from_indices
+from .gate import gate_weights, select_topk, selection_scores
+
+__all__ = ["topk_indices", "topk"]
+
+
+def topk_indices(logits: torch.Tensor, gate: GateConfig, ctx: RoutingContext) -> torch.Tensor:
+    """[T, k] int64: the experts vanilla top-k picks, in Megatron's order."""
+    return select_topk(selection_scores(logits, gate, ctx.expert_bias), gate, gate.topk)
+
+
+def topk(
+    logits: torch.Tensor,
+    gate: GateConfig,
+    params: TopKParams | None = None,
+    ctx: RoutingContext | None = None,
+) -> Routing:
+    """Vanilla top-k. logits [T, E] -> Routing(probs [T, E], routing_map [T, E]).
+
+    Bit-identical to ``megatron.core.transformer.moe.moe_utils.topk_routing_with_score_function``
+    with the same gate settings (softmax post/pre, sigmoid with expert bias, group-limited top-k,
+    scaling factor).
+    """
+    ctx = ctx or RoutingContext()
+    idx = topk_indices(logits, gate, ctx)
+    probs, routing_map = routing_from_indices(
+        idx, gate_weights(logits, idx, gate), gate.num_experts, like=logits
+    )
+    return Routing(probs, routing_map, num_dropped=torch.zeros((), dtype=torch.int64, device=logits.device))
