@@ -129,7 +129,9 @@ class LaserParams:
         eps_high: top-M mass at or above which a token routes vanilla; > 1 expands every token.
         min_score_ratio: in [0, 1]; 0 disables trimming.
         load_only: pool = all experts, scores ignored (the accuracy-agnostic lower bound, MV ~ 0).
-        rounds: proposal rounds of the vectorised assignment (see ``policies.laser``).
+        rounds: proposal rounds per chunk of the vectorised assignment.
+        chunk_ratio, min_chunk: tokens are assigned in chunks of ``chunk_ratio`` of those left
+            (at least ``min_chunk``); see ``policies.laser_routing.laser``.
         per_layer: optional {layer_index: {field: value}} overrides, resolved with ``for_layer``.
     """
 
@@ -138,7 +140,9 @@ class LaserParams:
     eps_high: float = 0.9
     min_score_ratio: float = 0.0
     load_only: bool = False
-    rounds: int = 4
+    rounds: int = 2
+    chunk_ratio: float = 0.5
+    min_chunk: int = 64
     per_layer: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -161,6 +165,14 @@ class LaserParams:
         _require(
             isinstance(self.rounds, int) and self.rounds >= 1,
             f"rounds must be an integer >= 1, got {self.rounds!r}",
+        )
+        _require(
+            0 < self.chunk_ratio <= 1,
+            f"chunk_ratio must be in (0, 1], got {self.chunk_ratio!r}",
+        )
+        _require(
+            isinstance(self.min_chunk, int) and self.min_chunk >= 1,
+            f"min_chunk must be an integer >= 1, got {self.min_chunk!r}",
         )
         for layer, over in self.per_layer.items():
             names = {f.name for f in fields(self)}

@@ -23,8 +23,8 @@ from ..config import (
 )
 from ..routing import Routing
 from .capacity import expanded_drop, expert_capacity, token_drop
-from .laser import laser, laser_reference
-from .topk import topk
+from .laser_routing import laser, laser_reference
+from .topk_routing import topk
 
 __all__ = [
     "Policy",
@@ -68,7 +68,7 @@ POLICIES: dict[str, Policy] = {
             LaserParams,
             False,
             "least-loaded over all experts, scores ignored (imbalance lower bound)",
-            (("load_only", True),),
+            (("load_only", True), ("rounds", 4)),
         ),
         Policy("token_drop", token_drop, TokenDropParams, True, "capacity-aware token drop (cap gamma x mean)"),
         Policy(

@@ -14,7 +14,7 @@ import torch
 from ..config import ExpandedDropParams, GateConfig, RoutingContext, TokenDropParams
 from ..routing import Routing
 from .gate import score_distribution
-from .topk import topk
+from .topk_routing import topk
 
 __all__ = ["expert_capacity", "keep_top_per_group", "token_drop", "expanded_drop"]
 

@@ -1,0 +1,270 @@
+"""LASER: score-distribution-adaptive candidate pools with least-loaded assignment.
+
+Method (Shahout, Cai, Du, Yu, Mitzenmacher, arXiv 2510.03293), as this project defines the
+details the paper leaves open:
+
+1. Shape test. S = the token's score distribution over all experts. If the mass of its ``top_m``
+   largest scores is >= ``eps_high`` the token is *skewed* and takes vanilla top-k.
+2. Pool. Every other (*flexible*) token gets the c = ``pool_size`` experts vanilla selection
+   ranks best (group limits respected), minus those scoring below ``min_score_ratio`` x its best
+   score (its k best are always kept). ``load_only`` makes the pool all experts.
+3. Assignment. Each flexible token takes k experts of its pool, preferring the least loaded.
+   Loads start from ``RoutingContext.expert_load`` (EP-global counts from the adapter, or zero)
+   plus the skewed tokens' choices, and are reset per call (per batch, per layer).
+4. Weights: the gate's own weights at the chosen experts (softmax over the chosen logits for
+   softmax-post gates), so c = k is exactly vanilla top-k.
+
+The paper's assignment is sequential over tokens (``laser_reference`` below, kept for tests).
+``laser`` is the vectorised version. Tokens go in geometrically shrinking chunks; within a chunk,
+a few rounds of proposals against per-expert quotas derived from the water level (the smallest
+integer load at which the experts the pending tokens can reach absorb all pending assignments).
+See ``laser`` and ``_assign_chunk``. No Python loop over tokens, no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import GateConfig, LaserParams, RoutingContext
+from ..routing import Routing, routing_from_indices
+from .gate import gate_weights, score_distribution, select_topk, selection_scores
+
+__all__ = ["laser", "laser_reference", "water_level", "laser_plan"]
+
+
+def water_level(base: torch.Tensor, need: torch.Tensor, reachable: torch.Tensor) -> torch.Tensor:
+    """Smallest integer L with sum_e max(0, L - base_e) >= need over reachable experts.
+
+    base: [E] float loads; need: 0-dim float; reachable: [E] bool. Returns 0-dim float
+    (+inf if nothing is reachable and need > 0). Vectorised over the E candidate fill counts.
+    """
+    b = torch.where(reachable, base, torch.full_like(base, float("inf")))
+    b_sorted, _ = torch.sort(b)
+    m = torch.arange(1, b.numel() + 1, device=b.device, dtype=b.dtype)
+    # prefix sums with inf kept out of the arithmetic; inf entries make their candidate inf.
+    finite = torch.isfinite(b_sorted)
+    prefix = torch.cumsum(torch.where(finite, b_sorted, torch.zeros_like(b_sorted)), dim=0)
+    cand = torch.maximum(torch.ceil((need + prefix) / m), torch.ceil(b_sorted))
+    cand = torch.where(finite, cand, torch.full_like(cand, float("inf")))
+    return cand.min()
+
+
+def laser_plan(
+    logits: torch.Tensor, gate: GateConfig, params: LaserParams, ctx: RoutingContext
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The shared first half of LASER (shape test, pools, starting loads).
+
+    Returns (vanilla_idx [T, k], flexible [T] bool, pool_idx [T, c], valid [T, c] bool,
+    base_load [E] float32 = expert_load + skewed tokens' vanilla choices).
+    """
+    k, E = gate.topk, gate.num_experts
+    c = params.resolved_pool_size(gate)
+    m = params.top_m if params.top_m is not None else k
+    sel = selection_scores(logits, gate, ctx.expert_bias)
+    dist = score_distribution(logits, gate)
+    if c == k:
+        vanilla_idx = select_topk(sel, gate, k)
+        pool_idx = vanilla_idx  # same call and order as vanilla: c = k reproduces it bit for bit
+    else:
+        pool_idx = select_topk(sel, gate, c, sorted=True)  # best first
+        vanilla_idx = pool_idx[:, :k]
+    # selection order equals the order of S for plain softmax gates, so the top-M mass can be
+    # read off the pool instead of running another top-k
+    same_order = gate.score_function == "softmax" and not gate.group_topk
+    if params.load_only:
+        flexible = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+    else:
+        if same_order and m <= c:
+            mass = torch.gather(dist, 1, pool_idx[:, :m]).sum(dim=1)
+        else:
+            mass = torch.topk(dist, m, dim=1, sorted=False)[0].sum(dim=1)
+        flexible = mass < params.eps_high
+
+    valid = torch.ones_like(pool_idx, dtype=torch.bool)
+    if params.min_score_ratio > 0 and not params.load_only:
+        pool_scores = torch.gather(dist, 1, pool_idx)
+        best = pool_scores.max(dim=1, keepdim=True)[0]
+        valid = pool_scores >= params.min_score_ratio * best
+        valid[:, :k] = True
+
+    base = torch.zeros(E, dtype=torch.float32, device=logits.device)
+    if ctx.expert_load is not None:
+        base = base + ctx.expert_load.to(device=logits.device, dtype=torch.float32)
+    fixed_counts = torch.zeros_like(base).scatter_add_(
+        0, vanilla_idx.reshape(-1), (~flexible).float().repeat_interleave(k)
+    )
+    return vanilla_idx, flexible, pool_idx, valid, base + fixed_counts
+
+
+def _compact(chosen: torch.Tensor, pool_idx: torch.Tensor, k: int) -> torch.Tensor:
+    """[T, k] pool entries marked in ``chosen`` [T, c] (exactly k per row), in pool order."""
+    slot = torch.cumsum(chosen, dim=1) - 1  # output position of each chosen entry
+    slot = torch.where(chosen, slot, torch.full_like(slot, k))  # unchosen -> spill column k
+    out = torch.zeros(pool_idx.shape[0], k + 1, dtype=pool_idx.dtype, device=pool_idx.device)
+    return out.scatter_(1, slot, pool_idx)[:, :k]
+
+
+def _finish(logits, gate, vanilla_idx, flexible, chosen_idx) -> Routing:
+    idx = torch.where(flexible.unsqueeze(1), chosen_idx, vanilla_idx)
+    probs, routing_map = routing_from_indices(
+        idx, gate_weights(logits, idx, gate), gate.num_experts, like=logits
+    )
+    return Routing(probs, routing_map, num_dropped=torch.zeros((), dtype=torch.int64, device=logits.device))
+
+
+CHUNK_SLACK = 1.5
+
+
+def _hash_unit(token: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+    """Deterministic pseudo-random numbers in [0, 1) per (token, expert) pair (integer hash)."""
+    h = (token * 2654435761 + expert * 40503 + 12345) % 4294967296
+    h = (h ^ (h >> 15)) * 2246822519 % 4294967296
+    return (h % 65536).float() / 65536.0
+
+
+def _chunks(num_tokens: int, ratio: float, min_chunk: int) -> list[tuple[int, int]]:
+    """Geometrically shrinking token ranges: each takes ``ratio`` of what is left (>= min_chunk)."""
+    bounds, start = [], 0
+    while start < num_tokens:
+        left = num_tokens - start
+        size = left if left <= min_chunk else max(min_chunk, int(left * ratio))
+        bounds.append((start, start + size))
+        start += size
+    return bounds
+
+
+def _assign_chunk(
+    ids: torch.Tensor,
+    valid: torch.Tensor,
+    need: torch.Tensor,
+    load: torch.Tensor,
+    level_final: torch.Tensor,
+    share: torch.Tensor,
+    rounds: int,
+    token_offset: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Assign one chunk of flexible tokens; returns (chosen [n, c] bool, updated load [E]).
+
+    ids [n, c] candidate experts, valid [n, c], need [n] experts still to pick, load [E] float.
+    Each expert may take ``share`` (this chunk's fraction of the pending need) of its room below
+    ``level_final``, so the room hot experts have is spread over the chunks (tokens that have no
+    alternative later still find some). Each round every token proposes to its least-pressured
+    open candidates (pressure = load + the requests expected from tokens spreading their need
+    evenly over their open candidates; ties: better score), and each expert accepts in token order
+    up to its quota. What is left after ``rounds`` goes to the least-loaded remaining candidates.
+    """
+    n, c = ids.shape
+    E = load.shape[0]
+    dev = load.device
+    chosen = torch.zeros_like(valid)
+    start = load
+    # A fixed pseudo-random offset below one token per (token, candidate) breaks ties between
+    # equally loaded candidates differently for each token; without it every token of a chunk
+    # would propose to the same experts (the herd the sequential greedy avoids by updating
+    # loads after each token).
+    jitter = _hash_unit(token_offset + torch.arange(n, device=dev).unsqueeze(1), ids)
+    # the chunk's share of each expert's room, with some slack: the smaller chunks after it
+    # correct any overshoot, and a tight quota would leave work for the herd-prone fallback
+    quota_total = torch.ceil(torch.clamp(share * CHUNK_SLACK, max=1.0) * (level_final - start).clamp(min=0))
+    flat_ids = ids.reshape(-1)
+    for r in range(rounds):
+        wanted = valid & ~chosen & (need.unsqueeze(1) > 0)
+        reach = torch.zeros(E, dtype=torch.int32, device=dev).scatter_add_(
+            0, flat_ids, wanted.reshape(-1).int()
+        ) > 0
+        limit = start + quota_total
+        if r > 0:  # later rounds may go up to the chunk's own water level
+            limit = torch.maximum(limit, water_level(load, need.sum().float(), reach))
+        open_ = wanted & (load < limit)[ids]
+        per_token = need.unsqueeze(1) / open_.sum(dim=1, keepdim=True).clamp(min=1)
+        demand = torch.zeros_like(load).scatter_add_(0, flat_ids, (open_ * per_token).reshape(-1))
+        pressure = (load + demand)[ids] + jitter
+        key = torch.where(open_, pressure, torch.full_like(pressure, float("inf")))
+        order = torch.argsort(key, dim=1, stable=True)
+        first = torch.arange(c, device=dev).unsqueeze(0) < need.unsqueeze(1)
+        propose = torch.zeros_like(open_).scatter_(1, order, first) & open_
+        proposals = torch.zeros(n, E, dtype=torch.int32, device=dev).scatter_(1, ids, propose.int())
+        accepted = (proposals > 0) & (
+            torch.cumsum(proposals, dim=0) <= (limit - load).clamp(min=0).unsqueeze(0)
+        )
+        got = torch.gather(accepted, 1, ids) & propose
+        chosen |= got
+        need = need - got.sum(dim=1)
+        load = load + accepted.sum(dim=0).float()
+    left = valid & ~chosen
+    cand_load = torch.where(left, load[ids] + jitter, torch.full_like(jitter, float("inf")))
+    order = torch.argsort(cand_load, dim=1, stable=True)  # least loaded; ties keep score order
+    first = torch.arange(c, device=dev).unsqueeze(0) < need.unsqueeze(1)
+    take = torch.zeros_like(chosen).scatter_(1, order, first) & left
+    load = load + torch.zeros_like(load).scatter_add_(0, flat_ids, take.reshape(-1).float())
+    return chosen | take, load
+
+
+def laser(
+    logits: torch.Tensor,
+    gate: GateConfig,
+    params: LaserParams | None = None,
+    ctx: RoutingContext | None = None,
+) -> Routing:
+    """LASER routing, vectorised. logits [T, E] -> Routing with exactly k experts per token.
+
+    Tokens are assigned in geometrically shrinking chunks (half of what is left, down to
+    ``min_chunk`` tokens): each chunk sees the exact loads left by the previous ones, so the
+    approximation error of a big chunk is corrected by the smaller ones after it, as the
+    sequential greedy corrects itself token by token. About log2(T / min_chunk) chunks of
+    ``rounds`` vectorised rounds each; no Python loop over tokens and no host synchronisation.
+    """
+    ctx = ctx or RoutingContext()
+    params = (params or LaserParams()).for_layer(ctx.layer)
+    k, E = gate.topk, gate.num_experts
+    vanilla_idx, flexible, pool_idx, valid, load = laser_plan(logits, gate, params, ctx)
+    T, c = pool_idx.shape
+    if c == k or T == 0:
+        return _finish(logits, gate, vanilla_idx, flexible, pool_idx)
+
+    need_all = torch.where(flexible, k, 0)
+    pending_need = need_all.flip(0).cumsum(0).flip(0).float()  # need of tokens t.. end
+    wanted_all = valid & flexible.unsqueeze(1)
+    chosen = []
+    for a, b in _chunks(T, params.chunk_ratio, params.min_chunk):
+        reach = torch.zeros(E, dtype=torch.int32, device=logits.device).scatter_add_(
+            0, pool_idx[a:].reshape(-1), wanted_all[a:].reshape(-1).int()
+        ) > 0
+        level_final = water_level(load, pending_need[a], reach)
+        chunk_need = pending_need[a] - (pending_need[b] if b < T else 0.0)
+        share = chunk_need / pending_need[a].clamp(min=1)
+        got, load = _assign_chunk(
+            pool_idx[a:b], valid[a:b], need_all[a:b], load, level_final, share, params.rounds, a
+        )
+        chosen.append(got)
+    return _finish(logits, gate, vanilla_idx, flexible, _compact(torch.cat(chosen), pool_idx, k))
+
+
+def laser_reference(
+    logits: torch.Tensor,
+    gate: GateConfig,
+    params: LaserParams | None = None,
+    ctx: RoutingContext | None = None,
+) -> Routing:
+    """The paper's sequential greedy, one token at a time: slow, for tests and benchmarks only.
+
+    Flexible tokens in order each take the k least-loaded valid candidates (ties: better score,
+    i.e. earlier in the pool), incrementing loads as they go.
+    """
+    ctx = ctx or RoutingContext()
+    params = (params or LaserParams()).for_layer(ctx.layer)
+    k = gate.topk
+    vanilla_idx, flexible, pool_idx, valid, load = laser_plan(logits, gate, params, ctx)
+    load = load.tolist()
+    pools, valids, flex = pool_idx.tolist(), valid.tolist(), flexible.tolist()
+    chosen_idx = vanilla_idx.clone()
+    for t in range(len(pools)):
+        if not flex[t]:
+            continue
+        cands = [(load[e], j, e) for j, e in enumerate(pools[t]) if valids[t][j]]
+        picked = sorted(cands)[:k]
+        for _, _, e in picked:
+            load[e] += 1
+        in_pool_order = sorted(picked, key=lambda x: x[1])
+        chosen_idx[t] = torch.tensor([e for _, _, e in in_pool_order])
+    return _finish(logits, gate, vanilla_idx, flexible, chosen_idx)

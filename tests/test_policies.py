@@ -1,0 +1,392 @@
+"""Policies against references: Megatron's own function, float64 loop references, invariants."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moebalance import (
+    ConfigError,
+    ExpandedDropParams,
+    GateConfig,
+    LaserParams,
+    RoutingContext,
+    TokenDropParams,
+    check_routing,
+    route,
+)
+from moebalance.policies import expanded_drop, laser, laser_reference, token_drop, topk
+from moebalance.policies.capacity import expert_capacity
+from moebalance.policies.gate import score_distribution
+from moebalance.policies.laser_routing import water_level
+
+megatron_moe_utils = pytest.importorskip("megatron.core.transformer.moe.moe_utils")
+
+SETTINGS = settings(max_examples=40, deadline=None)
+
+
+def logits_for(T: int, E: int, seed: int, skew: float = 1.0, dtype=torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    bias = torch.linspace(0, skew, E)
+    return (torch.randn(T, E, generator=g) + bias).to(dtype)
+
+
+# ---------------------------------------------------------------- vanilla top-k vs Megatron
+GATES = [
+    dict(score_function="softmax"),
+    dict(score_function="softmax", pre_softmax=True),
+    dict(score_function="softmax", scaling_factor=2.5),
+    dict(score_function="sigmoid"),
+    dict(score_function="sigmoid", bias=True),
+    dict(score_function="sqrtsoftplus", bias=True, scaling_factor=1.5),
+    dict(score_function="softmax", num_groups=4, group_topk=2),
+    dict(score_function="sigmoid", num_groups=8, group_topk=4, bias=True, scaling_factor=2.0),
+]
+
+
+@pytest.mark.parametrize("spec", GATES, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("grad", [False, True])
+def test_topk_is_bit_identical_to_megatron(spec, dtype, grad):
+    spec = dict(spec)
+    use_bias = spec.pop("bias", False)
+    E, k = 32, 4
+    gate = GateConfig(num_experts=E, topk=k, **spec)
+    for seed in range(3):
+        logits = logits_for(300, E, seed, dtype=dtype)
+        bias = torch.randn(E, generator=torch.Generator().manual_seed(99)) * 0.1 if use_bias else None
+        with torch.set_grad_enabled(grad):
+            want_p, want_m = megatron_moe_utils.topk_routing_with_score_function(
+                logits,
+                k,
+                use_pre_softmax=gate.pre_softmax,
+                num_groups=gate.num_groups,
+                group_topk=gate.group_topk,
+                scaling_factor=gate.scaling_factor,
+                score_function=gate.score_function,
+                expert_bias=bias,
+            )
+            got = route("topk", logits, gate, ctx=RoutingContext(expert_bias=bias))
+        assert got.probs.dtype == want_p.dtype
+        assert torch.equal(got.probs, want_p)
+        assert torch.equal(got.routing_map, want_m)
+
+
+# ---------------------------------------------------------------- LASER
+@given(
+    T=st.integers(1, 200),
+    E=st.sampled_from([4, 8, 16]),
+    k=st.integers(1, 4),
+    extra=st.integers(0, 6),
+    eps=st.floats(0.2, 1.5),
+    seed=st.integers(0, 10_000),
+    skew=st.floats(0, 4),
+)
+@SETTINGS
+def test_laser_invariants(T, E, k, extra, eps, seed, skew):
+    k = min(k, E)
+    c = min(k + extra, E)
+    gate = GateConfig(num_experts=E, topk=k)
+    params = LaserParams(pool_size=c, eps_high=eps)
+    logits = logits_for(T, E, seed, skew)
+    r = route("laser", logits, gate, params)
+    check_routing(r, num_tokens=T, num_slots=E, min_per_token=k, max_per_token=k)
+    # every chosen expert is within the token's c best
+    pool = torch.topk(logits, c, dim=1)[1]
+    in_pool = torch.zeros_like(r.routing_map).scatter_(1, pool, True)
+    assert not (r.routing_map & ~in_pool).any()
+    # skewed tokens keep vanilla top-k
+    v = topk(logits, gate)
+    mass = torch.topk(score_distribution(logits, gate), k, dim=1)[0].sum(1)
+    skewed = mass >= eps
+    assert torch.equal(r.routing_map[skewed], v.routing_map[skewed])
+    # the sequential reference obeys the same contract
+    ref = laser_reference(logits, gate, params)
+    check_routing(ref, min_per_token=k, max_per_token=k)
+    assert not (ref.routing_map & ~in_pool).any()
+    # weights: softmax over the chosen logits
+    want = torch.softmax(logits.masked_fill(~r.routing_map, float("-inf")), dim=1)
+    torch.testing.assert_close(r.probs, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("spec", GATES, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+def test_laser_with_pool_k_is_exactly_vanilla(spec):
+    spec = dict(spec)
+    use_bias = spec.pop("bias", False)
+    E, k = 32, 4
+    gate = GateConfig(num_experts=E, topk=k, **spec)
+    bias = torch.randn(E) * 0.1 if use_bias else None
+    ctx = RoutingContext(expert_bias=bias)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            logits = logits_for(500, E, 3, skew=3.0)
+            v = route("topk", logits, gate, ctx=ctx)
+            r = route("laser", logits, gate, LaserParams(pool_size=k, eps_high=2.0), ctx)
+        assert torch.equal(r.probs, v.probs) and torch.equal(r.routing_map, v.routing_map)
+
+
+def test_laser_reduces_imbalance_and_load_only_is_near_perfect():
+    E, k = 64, 8
+    gate = GateConfig(num_experts=E, topk=k)
+    logits = logits_for(4096, E, 0, skew=2.0)
+    vanilla = topk(logits, gate).expert_load().double()
+    las = laser(logits, gate, LaserParams(pool_size=2 * k, eps_high=2.0)).expert_load().double()
+    lo = route("load_only", logits, gate).expert_load().double()
+    mv = lambda x: float(x.max() / x.mean() - 1)  # noqa: E731
+    assert mv(las) < mv(vanilla) / 1.5
+    assert mv(lo) < 0.05 and mv(lo) < mv(las)
+
+
+@given(T=st.integers(16, 400), seed=st.integers(0, 1000), skew=st.floats(0.5, 3))
+@settings(max_examples=15, deadline=None)
+def test_fast_laser_balances_close_to_sequential(T, seed, skew):
+    """The vectorised assignment stays close to the paper's greedy (benchmarks compare on
+    the calibrated workloads; here a loose bound guards against regressions)."""
+    E, k = 16, 2
+    gate = GateConfig(num_experts=E, topk=k)
+    logits = logits_for(T, E, seed, skew)
+    params = LaserParams(pool_size=4, eps_high=2.0)
+    fast = laser(logits, gate, params).expert_load().double()
+    ref = laser_reference(logits, gate, params).expert_load().double()
+    assert float(fast.max()) <= float(ref.max()) * 1.25 + 2
+
+
+def test_laser_expert_load_shifts_choices_away():
+    E, k = 8, 2
+    gate = GateConfig(num_experts=E, topk=k)
+    logits = logits_for(64, E, 1, skew=0.0)
+    heavy = torch.zeros(E)
+    heavy[:4] = 1000.0  # experts 0-3 already loaded elsewhere in the EP group
+    r = laser(logits, gate, LaserParams(pool_size=8, eps_high=2.0), RoutingContext(expert_load=heavy))
+    assert r.routing_map[:, :4].sum() == 0
+
+
+def test_laser_per_layer_parameters():
+    p = LaserParams(pool_size=4, per_layer={2: {"pool_size": 2}})
+    assert p.for_layer(2).pool_size == 2 and p.for_layer(1).pool_size == 4
+    gate = GateConfig(num_experts=8, topk=2)
+    logits = logits_for(100, 8, 0, skew=3.0)
+    r = route("laser", logits, gate, p, RoutingContext(layer=2))
+    assert torch.equal(r.routing_map, topk(logits, gate).routing_map)
+
+
+@given(
+    base=st.lists(st.integers(0, 50), min_size=1, max_size=12),
+    need=st.integers(0, 300),
+    mask_seed=st.integers(0, 1000),
+)
+@SETTINGS
+def test_water_level_matches_brute_force(base, need, mask_seed):
+    b = torch.tensor(base, dtype=torch.float32)
+    reach = torch.rand(len(base), generator=torch.Generator().manual_seed(mask_seed)) < 0.7
+    got = float(water_level(b, torch.tensor(float(need)), reach))
+    if not reach.any():
+        assert math.isinf(got) or need == 0
+        return
+    rb = [x for x, r in zip(base, reach.tolist()) if r]
+    L = min(rb)
+    while sum(max(0, L - x) for x in rb) < need:
+        L += 1
+    assert got == L
+
+
+# ---------------------------------------------------------------- token drop
+def token_drop_reference(logits, gate, gamma, policy, scope="expert", ep_size=1):
+    """float64 loop reference: per expert (or per rank group) keep the top-C by priority."""
+    x = logits.double()
+    T, E = x.shape
+    k = gate.topk
+    top = torch.topk(x, k, dim=1)[1]
+    rmap = torch.zeros(T, E, dtype=torch.bool).scatter_(1, top, True)
+    S = torch.softmax(x, dim=1)
+    group = 1 if scope == "expert" else E // ep_size
+    cap = math.ceil(group * gamma * T * k / E)
+    keep = torch.zeros_like(rmap)
+    for g0 in range(0, E, group):
+        entries = [(t, e) for t in range(T) for e in range(g0, g0 + group) if rmap[t, e]]
+        if policy == "score":
+            entries.sort(key=lambda te: (-S[te].item(), te[0]))
+        elif policy == "order":
+            entries.sort(key=lambda te: te[0])
+        elif policy == "reverse":
+            entries.sort(key=lambda te: -te[0])
+        for t, e in entries[:cap]:
+            keep[t, e] = True
+    return rmap, keep, cap
+
+
+@given(
+    T=st.integers(1, 120),
+    E=st.sampled_from([4, 8]),
+    k=st.integers(1, 3),
+    gamma=st.floats(0.3, 2.5),
+    policy=st.sampled_from(["score", "order", "reverse"]),
+    seed=st.integers(0, 10_000),
+    skew=st.floats(0, 4),
+)
+@SETTINGS
+def test_token_drop_matches_float64_reference(T, E, k, gamma, policy, seed, skew):
+    gate = GateConfig(num_experts=E, topk=k)
+    logits = logits_for(T, E, seed, skew)
+    r = token_drop(logits, gate, TokenDropParams(capacity_factor=gamma, drop_policy=policy))
+    vmap, want, cap = token_drop_reference(logits, gate, gamma, policy)
+    assert r.capacity == cap == expert_capacity(T, gate, gamma)
+    check_routing(r, capacity=cap, max_per_token=k)
+    if policy != "score":  # score ties between float32 and float64 are not meaningful
+        assert torch.equal(r.routing_map, want)
+    else:
+        assert (r.routing_map.sum(0) == want.sum(0)).all()
+        assert (r.routing_map == want).float().mean() > 0.99
+    # dropped = sum_e relu(L_e - C), kept weights are the vanilla ones
+    load = vmap.sum(0)
+    assert int(r.num_dropped) == int((load - cap).clamp(min=0).sum())
+    v = topk(logits, gate)
+    assert torch.equal(r.probs, v.probs * r.routing_map)
+
+
+@given(T=st.integers(1, 150), gamma=st.floats(0.2, 2.0), seed=st.integers(0, 1000))
+@SETTINGS
+def test_token_drop_keeps_the_highest_scores_per_expert(T, gamma, seed):
+    E, k = 8, 2
+    gate = GateConfig(num_experts=E, topk=k)
+    logits = logits_for(T, E, seed, 2.0)
+    r = token_drop(logits, gate, TokenDropParams(capacity_factor=gamma))
+    v = topk(logits, gate)
+    S = score_distribution(logits, gate)
+    dropped = v.routing_map & ~r.routing_map
+    for e in range(E):
+        if dropped[:, e].any():
+            assert S[r.routing_map[:, e], e].min() >= S[dropped[:, e], e].max()
+
+
+def test_token_drop_device_scope_random_policy_and_renormalize():
+    E, k, ep = 8, 2, 4
+    gate = GateConfig(num_experts=E, topk=k)
+    logits = logits_for(256, E, 5, 3.0)
+    ctx = RoutingContext(ep_rank=1, ep_size=ep, seed=7)
+    dev = token_drop(logits, gate, TokenDropParams(capacity_factor=1.0, scope="device"), ctx)
+    per_rank = dev.routing_map.sum(0).view(ep, -1).sum(1)
+    assert int(per_rank.max()) <= math.ceil(2 * 1.0 * 256 * k / E)
+    vmap, want, _ = token_drop_reference(logits, gate, 1.0, "score", "device", ep)
+    assert (dev.routing_map.sum(0).view(ep, -1).sum(1) == want.sum(0).view(ep, -1).sum(1)).all()
+    p = TokenDropParams(capacity_factor=0.8, drop_policy="random")
+    a, b = token_drop(logits, gate, p, ctx), token_drop(logits, gate, p, ctx)
+    assert torch.equal(a.routing_map, b.routing_map)
+    c = token_drop(logits, gate, p, RoutingContext(ep_rank=1, ep_size=ep, seed=8))
+    assert not torch.equal(a.routing_map, c.routing_map)
+    check_routing(a, capacity=a.capacity)
+    rn = token_drop(logits, gate, TokenDropParams(capacity_factor=0.8, renormalize=True))
+    v = topk(logits, gate)
+    kept_any = rn.routing_map.any(1)
+    torch.testing.assert_close(rn.probs.sum(1)[kept_any], v.probs.sum(1)[kept_any])
+
+
+def test_token_drop_prefill_only_leaves_decode_untouched():
+    gate = GateConfig(num_experts=8, topk=2)
+    logits = logits_for(64, 8, 0, 4.0)
+    v = topk(logits, gate)
+    p = TokenDropParams(capacity_factor=0.5)
+    d = token_drop(logits, gate, p, RoutingContext(decode=True))
+    assert torch.equal(d.routing_map, v.routing_map)
+    d2 = token_drop(logits, gate, TokenDropParams(capacity_factor=0.5, prefill_only=False), RoutingContext(decode=True))
+    assert d2.routing_map.sum() < v.routing_map.sum()
+
+
+# ---------------------------------------------------------------- expanded drop
+def expanded_drop_reference(logits, gate, gamma, ep_rank, ep_size):
+    x = logits.double()
+    T, E = x.shape
+    k = gate.topk
+    top = torch.topk(x, k, dim=1)[1]
+    cand = torch.zeros(T, E, dtype=torch.bool).scatter_(1, top, True)
+    per = E // ep_size
+    cand[:, ep_rank * per : (ep_rank + 1) * per] = True
+    S = torch.softmax(x, dim=1)
+    cap = math.ceil(gamma * T * k / E)
+    keep = torch.zeros_like(cand)
+    for e in range(E):
+        ts = sorted((t for t in range(T) if cand[t, e]), key=lambda t: (-S[t, e].item(), t))
+        keep[ts[:cap], e] = True
+    w = S * keep
+    w = w / w.sum(1, keepdim=True).clamp(min=1e-300)
+    return keep, w, cap
+
+
+@given(
+    T=st.integers(1, 100),
+    E=st.sampled_from([4, 8]),
+    k=st.integers(1, 3),
+    ep_size=st.sampled_from([1, 2, 4]),
+    gamma=st.floats(0.3, 2.5),
+    seed=st.integers(0, 10_000),
+)
+@SETTINGS
+def test_expanded_drop_matches_float64_reference(T, E, k, ep_size, gamma, seed):
+    gate = GateConfig(num_experts=E, topk=k)
+    rank = seed % ep_size
+    logits = logits_for(T, E, seed, 2.0)
+    ctx = RoutingContext(ep_rank=rank, ep_size=ep_size)
+    r = expanded_drop(logits, gate, ExpandedDropParams(capacity_factor=gamma), ctx)
+    keep, w, cap = expanded_drop_reference(logits, gate, gamma, rank, ep_size)
+    check_routing(r, capacity=cap)
+    assert (r.routing_map == keep).float().mean() > 0.99
+    assert (r.routing_map.sum(0) == keep.sum(0)).all()
+    if torch.equal(r.routing_map, keep):
+        torch.testing.assert_close(r.probs.double(), w, atol=1e-6, rtol=1e-5)
+    # only rank-local experts are added
+    v = topk(logits, gate)
+    per = E // ep_size
+    added = r.routing_map & ~v.routing_map
+    assert not added[:, : rank * per].any() and not added[:, (rank + 1) * per :].any()
+
+
+def test_expanded_drop_at_ep1_is_expert_choice_and_max_experts_caps_rows():
+    E, k, T = 8, 2, 64
+    gate = GateConfig(num_experts=E, topk=k)
+    logits = logits_for(T, E, 2, 1.0)
+    r = expanded_drop(logits, gate, ExpandedDropParams(capacity_factor=1.0))
+    C = expert_capacity(T, gate, 1.0)
+    assert (r.routing_map.sum(0) == C).all()  # every expert is local: each takes exactly C
+    m = expanded_drop(logits, gate, ExpandedDropParams(capacity_factor=1.0, max_experts_per_token=2))
+    assert int(m.experts_per_token().max()) <= 2
+    assert not (m.routing_map & ~r.routing_map).any()
+
+
+# ---------------------------------------------------------------- determinism, devices, errors
+@pytest.mark.parametrize("name", ["topk", "laser", "load_only", "token_drop", "expanded_drop"])
+def test_policies_are_deterministic_and_accept_half_precision(name):
+    gate = GateConfig(num_experts=16, topk=4)
+    logits = logits_for(300, 16, 4, 2.0)
+    ctx = RoutingContext(ep_rank=1, ep_size=4)
+    a, b = route(name, logits, gate, ctx=ctx), route(name, logits.clone(), gate, ctx=ctx)
+    assert torch.equal(a.probs, b.probs) and torch.equal(a.routing_map, b.routing_map)
+    h = route(name, logits.bfloat16(), gate, ctx=ctx)
+    assert h.probs.dtype == torch.bfloat16
+    check_routing(h)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: route("nope", torch.zeros(2, 4), GateConfig(4, 2)), "unknown router 'nope'"),
+        (lambda: GateConfig(num_experts=4, topk=5), "topk must be an integer in \\[1, num_experts=4\\]"),
+        (lambda: GateConfig(num_experts=4, topk=0), "topk"),
+        (lambda: route("laser", torch.zeros(2, 8), GateConfig(8, 4), {"pool_size": 3}), "pool_size \\(c\\) must be in \\[topk=4"),
+        (lambda: TokenDropParams(capacity_factor=0), "capacity_factor \\(gamma\\) must be a finite number > 0"),
+        (lambda: ExpandedDropParams(capacity_factor=-1.0), "capacity_factor"),
+        (lambda: route("expanded_drop", torch.zeros(2, 6), GateConfig(6, 2), ctx=RoutingContext(ep_size=4)), "divisible by the EP size"),
+        (lambda: route("topk", torch.tensor([[0.0, float("nan")]]), GateConfig(2, 1)), "NaN or Inf"),
+        (lambda: route("topk", torch.zeros(3, 5), GateConfig(4, 2)), "shape \\[num_tokens, num_experts=4\\]"),
+        (lambda: route("topk", torch.zeros(3, 4, dtype=torch.int64), GateConfig(4, 2)), "floating dtype"),
+        (lambda: TokenDropParams(drop_policy="lifo"), "drop_policy must be one of"),
+        (lambda: route("token_drop", torch.zeros(2, 4), GateConfig(4, 2), {"gamma": 1}), "unknown TokenDropParams field"),
+        (lambda: RoutingContext(ep_rank=2, ep_size=2), "ep_rank"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(call, match):
+    with pytest.raises(ConfigError, match=match):
+        call()
