@@ -52,6 +52,7 @@ class Policy:
     variable_experts_per_token: bool
     summary: str
     defaults: tuple[tuple[str, Any], ...] = ()
+    uses_expert_load: bool = False  # reads RoutingContext.expert_load (EP-global loads)
 
     def params(self, overrides: dict[str, Any] | None = None) -> Any:
         return from_dict(self.params_cls, {**dict(self.defaults), **(overrides or {})})
@@ -61,7 +62,14 @@ POLICIES: dict[str, Policy] = {
     p.name: p
     for p in (
         Policy("topk", topk, TopKParams, False, "vanilla top-k (Megatron-identical baseline)"),
-        Policy("laser", laser, LaserParams, False, "LASER: adaptive pool, least-loaded of c candidates"),
+        Policy(
+            "laser",
+            laser,
+            LaserParams,
+            False,
+            "LASER: adaptive pool, least-loaded of c candidates",
+            uses_expert_load=True,
+        ),
         Policy(
             "load_only",
             laser,
@@ -69,6 +77,7 @@ POLICIES: dict[str, Policy] = {
             False,
             "least-loaded over all experts, scores ignored (imbalance lower bound)",
             (("load_only", True), ("rounds", 4)),
+            uses_expert_load=True,
         ),
         Policy("token_drop", token_drop, TokenDropParams, True, "capacity-aware token drop (cap gamma x mean)"),
         Policy(

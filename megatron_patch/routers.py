@@ -1,0 +1,345 @@
+"""Megatron-Core routers that run the moebalance policies.
+
+``BalancedRouter`` is a ``TopKRouter`` whose ``routing()`` translates Megatron's config and
+process groups into moebalance's ``GateConfig`` / ``RoutingContext`` and calls
+``moebalance.policies.route``. The gate (``gating()``, weight, ``expert_bias``) and the
+state-dict keys are the stock ones, so checkpoints load unchanged. No policy is re-implemented
+here.
+
+Use a named class (``VanillaRouter``, ``LaserRouter``, ``LoadOnlyRouter``, ``TokenDropRouter``,
+``ExpandedDropRouter``) with default parameters, or bind parameters with
+``make_router_class(name, params, load_scope=...)``; either goes into a layer spec
+(``megatron_patch.inject.with_router``) or replaces the routers of a built model
+(``megatron_patch.inject.swap_routers``).
+
+Semantics, in Megatron's terms:
+
+- Output: ``probs [T, E]`` in the logits' dtype (Megatron's ``probs.type_as(logits)``) and
+  ``routing_map [T, E]`` bool, probs zero off the map. T = seq_length * batch (local tokens).
+- Capacity: Megatron's own capacity dropping (``apply_router_token_dropping``, run by the stock
+  ``TopKRouter.routing`` whenever ``moe_expert_capacity_factor`` is set) is never applied; the
+  policy alone decides drops. ``moe_expert_capacity_factor`` only tells the alltoall dispatcher
+  to size its buffers from the routing map instead of assuming T * k rows; policies that change
+  the number of experts per token require it, and ``prepare_config`` sets it (to E: with the
+  stock router that value drops nothing, capacity = T * k).
+- Padding: Megatron's ``padding_mask`` is True for padding tokens (moe_utils.py:167 and 952,
+  router.py:670, the ``GPTModel.forward`` docstring; the ``TopKRouter.routing`` and
+  ``MoELayer.forward`` docstrings say the opposite, the code does not). The policy sees only
+  the valid tokens, so padding never counts in loads, capacities or the EP-global counts.
+  Padded tokens are then routed nowhere when the dispatcher sizes buffers dynamically
+  (capacity factor set); otherwise (fixed k per row) they keep their vanilla top-k choice,
+  which keeps the T * k contract and makes ``VanillaRouter`` identical to the stock router
+  with or without a padding mask. Selecting the valid rows costs one host sync, only when a
+  mask is given.
+- Decode: set ``router.decode = True`` (``inject.set_decode(model, True)``) during single-token
+  decode steps; prefill-only policies (token drop, expanded drop) then route vanilla top-k.
+- LASER loads (``load_scope``): "local" starts LASER's least-loaded assignment from zero on each
+  rank (the paper's per-batch reset); "global" first counts the vanilla top-k choices of this
+  rank's valid tokens, all-reduces them over the EP group (``pg_collection.ep``, one
+  ``torch.distributed.all_reduce`` of E floats per layer call) and passes the other ranks'
+  counts (global - local) as ``RoutingContext.expert_load``: each rank balances its own tokens
+  against what the other ranks would send. Every EP rank runs the all-reduce on every call
+  (lockstep), decode steps included.
+- Layer index: ``RoutingContext.layer`` = Megatron's 1-based ``layer_number`` - 1 (the 0-based
+  index over all decoder layers, dense ones included), or None before ``set_layer_number``.
+- Inference only: no aux losses, z-loss or expert-bias updates (the stock router adds them only
+  when training with grad enabled). ``moe_router_fusion`` (TE fused top-k) is ignored: the
+  policies run in plain torch. Unsupported, with a ConfigError at build: sinkhorn / quantile
+  balancing, ``moe_pad_expert_input_to_capacity``, routing replay, and the
+  ``inference_optimized`` transformer_impl (its dispatcher wants dense [T, k] router output).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import utils as mcore_utils
+from megatron.core.transformer.moe.moe_utils import (
+    ProcessGroupCollection,
+    get_default_pg_collection,
+)
+from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from moebalance.config import ConfigError, GateConfig, RoutingContext
+from moebalance.policies import get_policy, route
+from moebalance.routing import Routing
+
+__all__ = [
+    "LOAD_SCOPES",
+    "BalancedRouter",
+    "VanillaRouter",
+    "LaserRouter",
+    "LoadOnlyRouter",
+    "TokenDropRouter",
+    "ExpandedDropRouter",
+    "ROUTER_CLASSES",
+    "gate_config",
+    "make_router_class",
+    "prepare_config",
+    "needs_dynamic_capacity",
+]
+
+LOAD_SCOPES = ("local", "global")
+
+
+def gate_config(config: TransformerConfig) -> GateConfig:
+    """moebalance GateConfig from Megatron's ``moe_router_*`` fields."""
+    group_topk = config.moe_router_group_topk or None
+    return GateConfig(
+        num_experts=config.num_moe_experts,
+        topk=config.moe_router_topk,
+        score_function=config.moe_router_score_function,
+        pre_softmax=bool(config.moe_router_pre_softmax),
+        # Megatron applies group limits only when group_topk is truthy (moe_utils.py:812).
+        num_groups=config.moe_router_num_groups if group_topk else None,
+        group_topk=group_topk,
+        scaling_factor=config.moe_router_topk_scaling_factor or None,
+    )
+
+
+def _policy_name(router: str | type) -> str:
+    if isinstance(router, type) and issubclass(router, BalancedRouter):
+        return router.policy_name
+    if isinstance(router, str):
+        return get_policy(router).name
+    raise ConfigError(f"router must be a policy name or a BalancedRouter class, got {router!r}")
+
+
+def needs_dynamic_capacity(router: str | type) -> bool:
+    """True when the policy may change the number of experts per token, so the alltoall
+    dispatcher must size its buffers from the routing map (``moe_expert_capacity_factor`` set)."""
+    return get_policy(_policy_name(router)).variable_experts_per_token
+
+
+def prepare_config(config: TransformerConfig, router: str | type) -> TransformerConfig:
+    """The config to build MoE layers with for ``router`` (a policy name or router class).
+
+    For policies that may change the number of experts per token, returns a copy with
+    ``moe_expert_capacity_factor = float(num_moe_experts)`` when it was None: the alltoall
+    dispatcher then sizes buffers dynamically (a fixed T * k otherwise fails with "Split sizes
+    doesn't match"), and the value drops nothing should the stock router ever see it. A factor
+    already set is kept (BalancedRouter never drops by it). Other policies get ``config`` back
+    unchanged. The copy goes through ``dataclasses.replace`` so Megatron re-validates it.
+    """
+    if not needs_dynamic_capacity(router) or config.moe_expert_capacity_factor is not None:
+        return config
+    return dataclasses.replace(config, moe_expert_capacity_factor=float(config.num_moe_experts))
+
+
+def _check_load_scope(load_scope: str, params: Any, name: str) -> None:
+    if load_scope not in LOAD_SCOPES:
+        raise ConfigError(f"load_scope must be one of {LOAD_SCOPES}, got {load_scope!r}")
+    if load_scope == "global" and not get_policy(name).uses_expert_load:
+        raise ConfigError(
+            f"load_scope='global' needs a policy that reads expert loads (LASER); "
+            f"router {name!r} does not"
+        )
+
+
+class BalancedRouter(TopKRouter):
+    """A TopKRouter whose ``routing()`` runs a moebalance policy (see the module docstring).
+
+    Class attributes (bound by subclasses or ``make_router_class``):
+        policy_name: a name registered in ``moebalance.policies.POLICIES``.
+        policy_params: the policy's params dataclass (None = its defaults).
+        load_scope: "local" or "global" (EP-global loads for policies that take
+            ``RoutingContext.expert_load``, i.e. LASER).
+
+    Instance attributes the harness may set:
+        decode: True during decode steps (prefill-only policies route vanilla).
+        seed: seed for the "random" drop policy.
+
+    After each call, ``last_routing`` holds the policy's Routing for the valid tokens (with
+    ``num_dropped`` and ``capacity``, which Megatron's (probs, routing_map) cannot carry).
+    """
+
+    policy_name: ClassVar[str] = "topk"
+    policy_params: ClassVar[Any] = None
+    load_scope: ClassVar[str] = "local"
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+        is_mtp_layer: bool = False,
+    ) -> None:
+        if pg_collection is None:
+            pg_collection = get_default_pg_collection()  # as MoELayer does
+        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
+        self._check_supported(config)
+        self.policy = get_policy(self.policy_name)
+        self.params = self._resolve_params(self.policy, self.policy_params)
+        self.gate = gate_config(config)
+        # TopKRouter keeps tp/cp groups only; the EP group is what the policies need.
+        self.ep_group = pg_collection.ep
+        self.ep_size = mcore_utils.get_pg_size(self.ep_group)
+        self.ep_rank = mcore_utils.get_pg_rank(self.ep_group)
+        RoutingContext(ep_rank=self.ep_rank, ep_size=self.ep_size).validate(self.gate)
+        self.params.validate(self.gate)
+        _check_load_scope(self.load_scope, self.params, self.policy_name)
+        if self.policy.variable_experts_per_token and config.moe_expert_capacity_factor is None:
+            raise ConfigError(
+                f"router {self.policy_name!r} may change the number of experts per token: set "
+                "moe_expert_capacity_factor (megatron_patch.prepare_config(config, name) sets it "
+                "to num_moe_experts) so the token dispatcher sizes buffers dynamically"
+            )
+        self.decode = False
+        self.seed = 0
+        self.last_routing: Optional[Routing] = None
+
+    @staticmethod
+    def _check_supported(config: TransformerConfig) -> None:
+        unsupported = {
+            "moe_router_load_balancing_type in ('sinkhorn', 'quantile_balancing')": (
+                config.moe_router_load_balancing_type in ("sinkhorn", "quantile_balancing")
+            ),
+            "moe_pad_expert_input_to_capacity": config.moe_pad_expert_input_to_capacity,
+            "moe_enable_routing_replay": config.moe_enable_routing_replay,
+            "transformer_impl='inference_optimized' (dense [T, k] router output)": (
+                config.transformer_impl == "inference_optimized"
+            ),
+        }
+        bad = [name for name, on in unsupported.items() if on]
+        if bad:
+            raise ConfigError(f"BalancedRouter does not support {', '.join(bad)}")
+
+    @staticmethod
+    def _resolve_params(policy, params):
+        if params is None or isinstance(params, dict):
+            return policy.params(params)
+        if not isinstance(params, policy.params_cls):
+            raise ConfigError(
+                f"params for router {policy.name!r} must be {policy.params_cls.__name__} or a "
+                f"dict, got {type(params).__name__}"
+            )
+        return params
+
+    def _context(self) -> RoutingContext:
+        # Megatron ignores expert_bias for softmax gates (moe_utils.py:839-853); so do we.
+        bias = self.expert_bias if self.gate.score_function != "softmax" else None
+        layer = self.layer_number - 1 if self.layer_number is not None else None
+        return RoutingContext(
+            ep_rank=self.ep_rank,
+            ep_size=self.ep_size,
+            expert_bias=bias,
+            decode=bool(self.decode),
+            layer=layer,
+            seed=self.seed,
+        )
+
+    def _other_ranks_load(
+        self, logits: torch.Tensor, ctx: RoutingContext
+    ) -> Optional[torch.Tensor]:
+        """[E] float32 vanilla top-k counts of the other EP ranks' tokens (None at EP = 1)."""
+        if self.ep_size == 1:
+            return None
+        vanilla = route("topk", logits, self.gate, None, ctx, check_finite=False)
+        local = vanilla.routing_map.sum(dim=0).to(torch.float32)
+        total = local.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.ep_group)
+        return total - local
+
+    def route_tokens(self, logits: torch.Tensor) -> Routing:
+        """Run the policy on ``logits`` [T, E] (valid tokens only). Collective when
+        ``load_scope == "global"`` at EP > 1."""
+        ctx = self._context()
+        if self.load_scope == "global":
+            ctx = dataclasses.replace(ctx, expert_load=self._other_ranks_load(logits, ctx))
+        decision = route(self.policy_name, logits, self.gate, self.params, ctx, check_finite=False)
+        self.last_routing = decision
+        return decision
+
+    def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        """Policy routing. logits [S, B, E] (or [T, E]); padding_mask [S, B] bool, True = pad.
+
+        Returns (probs [T, E] in the logits' dtype, routing_map [T, E] bool).
+        """
+        logits = logits.view(-1, self.config.num_moe_experts)
+        if padding_mask is None:
+            decision = self.route_tokens(logits)
+            return decision.probs.type_as(logits), decision.routing_map.bool()
+
+        valid_rows = torch.nonzero(~padding_mask.reshape(-1).bool(), as_tuple=True)[0]
+        decision = self.route_tokens(logits.index_select(0, valid_rows))
+        if self.config.moe_expert_capacity_factor is None:
+            # Fixed k per row: padded rows keep vanilla top-k (never counted by the policy).
+            base = route("topk", logits, self.gate, None, self._context(), check_finite=False)
+            probs, routing_map = base.probs, base.routing_map
+        else:
+            probs = torch.zeros_like(logits)
+            routing_map = torch.zeros_like(logits, dtype=torch.bool)
+        probs = probs.index_copy(0, valid_rows, decision.probs.type_as(logits))
+        routing_map = routing_map.index_copy(0, valid_rows, decision.routing_map.bool())
+        return probs, routing_map
+
+    def extra_repr(self) -> str:
+        return (
+            f"policy={self.policy_name!r}, load_scope={self.load_scope!r}, params={self.params!r}"
+        )
+
+
+def make_router_class(
+    name: str,
+    params: Any = None,
+    *,
+    load_scope: str = "local",
+    class_name: Optional[str] = None,
+) -> type[BalancedRouter]:
+    """A BalancedRouter subclass with policy ``name`` and its ``params`` (dataclass or dict)
+    bound, ready for a layer spec. Parameters are validated here, against the gate at build."""
+    policy = get_policy(name)
+    params = BalancedRouter._resolve_params(policy, params)
+    _check_load_scope(load_scope, params, name)
+    if class_name is None:
+        class_name = "".join(part.capitalize() for part in name.split("_")) + "Router"
+    return type(
+        class_name,
+        (BalancedRouter,),
+        {
+            "policy_name": policy.name,
+            "policy_params": params,
+            "load_scope": load_scope,
+            "__module__": __name__,
+            "__doc__": f"BalancedRouter running policy {name!r} with {params!r}.",
+        },
+    )
+
+
+class VanillaRouter(BalancedRouter):
+    """Vanilla top-k: identical outputs to the stock TopKRouter (inference, no capacity drop)."""
+
+    policy_name = "topk"
+
+
+class LaserRouter(BalancedRouter):
+    """LASER with default parameters and per-rank ("local") loads."""
+
+    policy_name = "laser"
+
+
+class LoadOnlyRouter(BalancedRouter):
+    """Least-loaded over all experts, scores ignored (the imbalance lower bound)."""
+
+    policy_name = "load_only"
+
+
+class TokenDropRouter(BalancedRouter):
+    """Capacity-aware token drop with default parameters (needs ``prepare_config``)."""
+
+    policy_name = "token_drop"
+
+
+class ExpandedDropRouter(BalancedRouter):
+    """Capacity-aware expanded drop with default parameters (needs ``prepare_config``)."""
+
+    policy_name = "expanded_drop"
+
+
+ROUTER_CLASSES: dict[str, type[BalancedRouter]] = {
+    cls.policy_name: cls
+    for cls in (VanillaRouter, LaserRouter, LoadOnlyRouter, TokenDropRouter, ExpandedDropRouter)
+}
