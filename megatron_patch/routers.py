@@ -65,6 +65,12 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from moebalance.config import ConfigError, GateConfig, RoutingContext
+from moebalance.distributed import (
+    LOAD_SCOPES,
+    check_load_scope,
+    resolve_params,
+    route_in_group,
+)
 from moebalance.policies import get_policy, route
 from moebalance.routing import Routing
 
@@ -83,7 +89,6 @@ __all__ = [
     "needs_dynamic_capacity",
 ]
 
-LOAD_SCOPES = ("local", "global")
 
 
 def gate_config(config: TransformerConfig) -> GateConfig:
@@ -130,16 +135,6 @@ def prepare_config(config: TransformerConfig, router: str | type) -> Transformer
     return dataclasses.replace(config, moe_expert_capacity_factor=float(config.num_moe_experts))
 
 
-def _check_load_scope(load_scope: str, params: Any, name: str) -> None:
-    if load_scope not in LOAD_SCOPES:
-        raise ConfigError(f"load_scope must be one of {LOAD_SCOPES}, got {load_scope!r}")
-    if load_scope == "global" and not get_policy(name).uses_expert_load:
-        raise ConfigError(
-            f"load_scope='global' needs a policy that reads expert loads (LASER); "
-            f"router {name!r} does not"
-        )
-
-
 class BalancedRouter(TopKRouter):
     """A TopKRouter whose ``routing()`` runs a moebalance policy (see the module docstring).
 
@@ -172,7 +167,7 @@ class BalancedRouter(TopKRouter):
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
         self._check_supported(config)
         self.policy = get_policy(self.policy_name)
-        self.params = self._resolve_params(self.policy, self.policy_params)
+        self.params = resolve_params(self.policy, self.policy_params)
         self.gate = gate_config(config)
         # TopKRouter keeps tp/cp groups only; the EP group is what the policies need.
         self.ep_group = pg_collection.ep
@@ -180,7 +175,7 @@ class BalancedRouter(TopKRouter):
         self.ep_rank = mcore_utils.get_pg_rank(self.ep_group)
         RoutingContext(ep_rank=self.ep_rank, ep_size=self.ep_size).validate(self.gate)
         self.params.validate(self.gate)
-        _check_load_scope(self.load_scope, self.params, self.policy_name)
+        check_load_scope(self.load_scope, self.policy_name)
         if self.policy.variable_experts_per_token and config.moe_expert_capacity_factor is None:
             raise ConfigError(
                 f"router {self.policy_name!r} may change the number of experts per token: set "
@@ -207,17 +202,6 @@ class BalancedRouter(TopKRouter):
         if bad:
             raise ConfigError(f"BalancedRouter does not support {', '.join(bad)}")
 
-    @staticmethod
-    def _resolve_params(policy, params):
-        if params is None or isinstance(params, dict):
-            return policy.params(params)
-        if not isinstance(params, policy.params_cls):
-            raise ConfigError(
-                f"params for router {policy.name!r} must be {policy.params_cls.__name__} or a "
-                f"dict, got {type(params).__name__}"
-            )
-        return params
-
     def _context(self) -> RoutingContext:
         # Megatron ignores expert_bias for softmax gates (moe_utils.py:839-853); so do we.
         bias = self.expert_bias if self.gate.score_function != "softmax" else None
@@ -231,25 +215,18 @@ class BalancedRouter(TopKRouter):
             seed=self.seed,
         )
 
-    def _other_ranks_load(
-        self, logits: torch.Tensor, ctx: RoutingContext
-    ) -> Optional[torch.Tensor]:
-        """[E] float32 vanilla top-k counts of the other EP ranks' tokens (None at EP = 1)."""
-        if self.ep_size == 1:
-            return None
-        vanilla = route("topk", logits, self.gate, None, ctx, check_finite=False)
-        local = vanilla.routing_map.sum(dim=0).to(torch.float32)
-        total = local.clone()
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.ep_group)
-        return total - local
-
     def route_tokens(self, logits: torch.Tensor) -> Routing:
         """Run the policy on ``logits`` [T, E] (valid tokens only). Collective when
         ``load_scope == "global"`` at EP > 1."""
-        ctx = self._context()
-        if self.load_scope == "global":
-            ctx = dataclasses.replace(ctx, expert_load=self._other_ranks_load(logits, ctx))
-        decision = route(self.policy_name, logits, self.gate, self.params, ctx, check_finite=False)
+        decision = route_in_group(
+            self.policy_name,
+            logits,
+            self.gate,
+            self.params,
+            self._context(),
+            load_scope=self.load_scope,
+            group=self.ep_group,
+        )
         self.last_routing = decision
         return decision
 
@@ -292,8 +269,8 @@ def make_router_class(
     """A BalancedRouter subclass with policy ``name`` and its ``params`` (dataclass or dict)
     bound, ready for a layer spec. Parameters are validated here, against the gate at build."""
     policy = get_policy(name)
-    params = BalancedRouter._resolve_params(policy, params)
-    _check_load_scope(load_scope, params, name)
+    params = resolve_params(policy, params)
+    check_load_scope(load_scope, name)
     if class_name is None:
         class_name = "".join(part.capitalize() for part in name.split("_")) + "Router"
     return type(

@@ -132,6 +132,11 @@ class LaserParams:
         rounds: proposal rounds per chunk of the vectorised assignment.
         chunk_ratio, min_chunk: tokens are assigned in chunks of ``chunk_ratio`` of those left
             (at least ``min_chunk``); see ``policies.laser_routing.laser``.
+        chunk_slack: >= 1, how far past its share of each expert's room a chunk may fill.
+        proposal: which open candidates a token proposes to in each round: "least_pressure"
+            (least loaded counting expected requests; mimics the sequential greedy, best with a
+            small pool) or "proportional" (sampled in proportion to room / expected requests;
+            no herding when every token has the same large pool, as with ``load_only``).
         per_layer: optional {layer_index: {field: value}} overrides, resolved with ``for_layer``.
     """
 
@@ -140,9 +145,11 @@ class LaserParams:
     eps_high: float = 0.9
     min_score_ratio: float = 0.0
     load_only: bool = False
-    rounds: int = 2
-    chunk_ratio: float = 0.5
-    min_chunk: int = 64
+    rounds: int = 4
+    chunk_ratio: float = 0.3
+    min_chunk: int = 16
+    chunk_slack: float = 1.0
+    proposal: str = "least_pressure"
     per_layer: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -169,6 +176,14 @@ class LaserParams:
         _require(
             0 < self.chunk_ratio <= 1,
             f"chunk_ratio must be in (0, 1], got {self.chunk_ratio!r}",
+        )
+        _require(
+            self.proposal in ("least_pressure", "proportional"),
+            f"proposal must be 'least_pressure' or 'proportional', got {self.proposal!r}",
+        )
+        _require(
+            self.chunk_slack >= 1.0,
+            f"chunk_slack must be >= 1, got {self.chunk_slack!r}",
         )
         _require(
             isinstance(self.min_chunk, int) and self.min_chunk >= 1,

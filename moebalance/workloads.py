@@ -57,7 +57,8 @@ __all__ = [
 #: Where the shared real routing counts live when present (``../shared/data`` from the project
 #: root). Nothing may require it: the project must run and pass its tests without it.
 DEFAULT_COUNTS_PATH = (
-    Path(__file__).resolve().parents[1].parent / "shared" / "data" / "routing-stats" / "expert_counts.json"
+    Path(__file__).resolve().parents[1].parent
+    / "shared" / "data" / "routing-stats" / "expert_counts.json"
 )
 
 _CALIBRATION_TOKENS = 16384  # tokens in the load-fit sample: the fit is then exact to ~0.5%
@@ -234,12 +235,14 @@ class WorkloadPreset:
         self.gate()
         n = len(self.layers)
         if len(self.median_topk_mass) != n:
-            raise ConfigError(f"preset {self.name!r}: median_topk_mass needs one value per layer {self.layers}")
+            raise ConfigError(
+                f"preset {self.name!r}: median_topk_mass needs one value per layer {self.layers}"
+            )
         for domain, profiles in self.relative_load:
             if len(profiles) != n or any(len(p) != self.num_experts for p in profiles):
                 raise ConfigError(
-                    f"preset {self.name!r}, domain {domain!r}: need one [{self.num_experts}] profile "
-                    f"per layer {self.layers}"
+                    f"preset {self.name!r}, domain {domain!r}: need one [{self.num_experts}] "
+                    f"profile per layer {self.layers}"
                 )
 
     @property
@@ -261,11 +264,13 @@ class WorkloadPreset:
         if layer is None:
             return 0
         if layer not in self.layers:
-            raise ConfigError(f"preset {self.name!r} has profiles for layers {self.layers}, got layer={layer!r}")
+            raise ConfigError(
+                f"preset {self.name!r} has profiles for layers {self.layers}, got layer={layer!r}"
+            )
         return self.layers.index(layer)
 
     def profile(self, layer: int | None = None, domain: str = "c4") -> torch.Tensor:
-        """[E] float64: relative load (load / mean load) of each expert at ``layer`` on ``domain``."""
+        """[E] float64: load / mean load of each expert at ``layer`` on ``domain``."""
         pos = self.layer_position(layer)
         for name, profiles in self.relative_load:
             if name == domain:
@@ -296,7 +301,7 @@ PRESETS: dict[str, WorkloadPreset] = {
             median_topk_mass=(0.75, 0.65, 0.80),
             mass_spread=0.6,
             source_model="mixtral-8x7b-v0.1",
-            note="Mixtral-8x7B-v0.1 loads measured by allenai/OLMoE (mild skew, max/mean 1.08-1.33)",
+            note="Mixtral-8x7B-v0.1 loads measured by allenai/OLMoE (mild skew, max/mean <= 1.33)",
         ),
         WorkloadPreset(
             name="olmoe",
@@ -309,7 +314,7 @@ PRESETS: dict[str, WorkloadPreset] = {
             median_topk_mass=(0.55, 0.50, 0.65),
             mass_spread=0.6,
             source_model="olmoe-1b-7b-0924",
-            note="OLMoE-1B-7B-0924 loads measured by allenai/OLMoE (strong skew, near-dead experts)",
+            note="OLMoE-1B-7B-0924 loads measured by allenai/OLMoE (strong skew, dead-ish experts)",
         ),
         WorkloadPreset(
             name="deepseek",
@@ -337,7 +342,9 @@ def get_preset(name: str | WorkloadPreset) -> WorkloadPreset:
     try:
         return PRESETS[name]
     except (KeyError, TypeError):
-        raise ConfigError(f"unknown workload preset {name!r}; choose one of {sorted(PRESETS)}") from None
+        raise ConfigError(
+            f"unknown workload preset {name!r}; choose one of {sorted(PRESETS)}"
+        ) from None
 
 
 def topk_mass(scores: torch.Tensor, m: int) -> torch.Tensor:
@@ -351,7 +358,9 @@ def _gumbel(num_tokens: int, num_experts: int, generator: torch.Generator) -> to
     return (-torch.log(-torch.log(u.clamp_min(1e-300)))).float()
 
 
-def _stratified_gumbel(num_tokens: int, num_experts: int, generator: torch.Generator) -> torch.Tensor:
+def _stratified_gumbel(
+    num_tokens: int, num_experts: int, generator: torch.Generator
+) -> torch.Tensor:
     """[T, E] float32 Gumbel noise whose every column holds the same T quantiles, each column
     shuffled independently (Latin hypercube): the fit cannot favour an expert whose sampled
     noise happens to run high, which otherwise biases the fitted profile by several percent."""
@@ -363,7 +372,7 @@ def _stratified_gumbel(num_tokens: int, num_experts: int, generator: torch.Gener
 
 def _cloglog(p: torch.Tensor) -> torch.Tensor:
     # With Gumbel noise and a fixed selection threshold, P(selected) = 1 - exp(-exp(b - threshold)):
-    # cloglog makes the bias update of the fit close to linear, also for experts picked by most tokens.
+    # cloglog makes the fit's bias update near linear, also for experts most tokens pick.
     return torch.log(-torch.log1p(-p))
 
 
@@ -372,7 +381,9 @@ def _check_relative_load(relative_load: torch.Tensor, topk: int) -> torch.Tensor
     load = relative_load.double()
     E = load.numel()
     if load.dim() != 1 or E < 1:
-        raise ConfigError(f"counts must be a 1-D [num_experts] tensor, got shape {tuple(load.shape)}")
+        raise ConfigError(
+            f"counts must be a 1-D [num_experts] tensor, got shape {tuple(load.shape)}"
+        )
     if not 1 <= topk <= E:
         raise ConfigError(f"topk must be in [1, num_experts={E}], got {topk!r}")
     if not bool(torch.isfinite(load).all()) or bool((load < 0).any()) or float(load.sum()) <= 0:
@@ -381,8 +392,8 @@ def _check_relative_load(relative_load: torch.Tensor, topk: int) -> torch.Tensor
     if float(freq.max()) > 1 + 1e-6:
         e = int(freq.argmax())
         raise ConfigError(
-            f"expert {e} would be picked by {float(freq[e]):.3f} of the tokens: with top-{topk} no "
-            f"expert can exceed 1/{topk} of all selections (max/mean <= num_experts/topk = {E / topk:g})"
+            f"expert {e} would be picked by {float(freq[e]):.3f} of the tokens: with top-{topk} "
+            f"no expert can exceed 1/{topk} of all selections (max/mean <= E/k = {E / topk:g})"
         )
     return freq
 
@@ -449,7 +460,9 @@ def fit_inverse_temperature(
     return _fit_beta_cached(load, int(topk), float(median_topk_mass), float(mass_spread))
 
 
-def _check_concentration(median_topk_mass: float, mass_spread: float, topk: int, num_experts: int) -> None:
+def _check_concentration(
+    median_topk_mass: float, mass_spread: float, topk: int, num_experts: int
+) -> None:
     floor = topk / num_experts
     if not floor < median_topk_mass < 1:
         raise ConfigError(
@@ -558,7 +571,9 @@ def workload_from_counts(
         median_topk_mass = (1 + topk / E) / 2
     _check_concentration(median_topk_mass, mass_spread, topk, E)
     gen = torch.Generator().manual_seed(_stream_seed(seed, "counts"))
-    return _synthesize(relative, topk, median_topk_mass, mass_spread, num_tokens, gen, device, dtype)
+    return _synthesize(
+        relative, topk, median_topk_mass, mass_spread, num_tokens, gen, device, dtype
+    )
 
 
 def load_expert_counts(

@@ -390,3 +390,12 @@ def test_policies_are_deterministic_and_accept_half_precision(name):
 def test_bad_input_gets_a_clear_error(call, match):
     with pytest.raises(ConfigError, match=match):
         call()
+
+
+@pytest.mark.parametrize("name", ["topk", "laser", "load_only", "token_drop", "expanded_drop"])
+def test_zero_tokens_give_an_empty_routing(name):
+    """A rank whose batch ran out still routes (and stays in lockstep)."""
+    gate = GateConfig(num_experts=8, topk=2)
+    r = route(name, torch.zeros(0, 8), gate, ctx=RoutingContext(ep_rank=1, ep_size=2))
+    assert r.probs.shape == (0, 8) and r.routing_map.shape == (0, 8)
+    check_routing(r)

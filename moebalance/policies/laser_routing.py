@@ -112,9 +112,6 @@ def _finish(logits, gate, vanilla_idx, flexible, chosen_idx) -> Routing:
     return Routing(probs, routing_map, num_dropped=torch.zeros((), dtype=torch.int64, device=logits.device))
 
 
-CHUNK_SLACK = 1.5
-
-
 def _hash_unit(token: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
     """Deterministic pseudo-random numbers in [0, 1) per (token, expert) pair (integer hash)."""
     h = (token * 2654435761 + expert * 40503 + 12345) % 4294967296
@@ -141,6 +138,8 @@ def _assign_chunk(
     level_final: torch.Tensor,
     share: torch.Tensor,
     rounds: int,
+    slack: float,
+    proposal: str,
     token_offset: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Assign one chunk of flexible tokens; returns (chosen [n, c] bool, updated load [E]).
@@ -148,10 +147,11 @@ def _assign_chunk(
     ids [n, c] candidate experts, valid [n, c], need [n] experts still to pick, load [E] float.
     Each expert may take ``share`` (this chunk's fraction of the pending need) of its room below
     ``level_final``, so the room hot experts have is spread over the chunks (tokens that have no
-    alternative later still find some). Each round every token proposes to its least-pressured
-    open candidates (pressure = load + the requests expected from tokens spreading their need
-    evenly over their open candidates; ties: better score), and each expert accepts in token order
-    up to its quota. What is left after ``rounds`` goes to the least-loaded remaining candidates.
+    alternative later still find some). Each round every token proposes to open candidates chosen
+    by ``proposal`` ("least_pressure": least load + requests expected from tokens spreading their
+    need evenly over their open candidates; "proportional": sampled with probability ~ room /
+    expected requests), and each expert accepts in token order up to its quota. What is left
+    after ``rounds`` goes to the least-loaded remaining candidates.
     """
     n, c = ids.shape
     E = load.shape[0]
@@ -163,9 +163,9 @@ def _assign_chunk(
     # would propose to the same experts (the herd the sequential greedy avoids by updating
     # loads after each token).
     jitter = _hash_unit(token_offset + torch.arange(n, device=dev).unsqueeze(1), ids)
-    # the chunk's share of each expert's room, with some slack: the smaller chunks after it
-    # correct any overshoot, and a tight quota would leave work for the herd-prone fallback
-    quota_total = torch.ceil(torch.clamp(share * CHUNK_SLACK, max=1.0) * (level_final - start).clamp(min=0))
+    # the chunk's share of each expert's room (times ``slack`` >= 1: more lets a chunk finish in
+    # fewer rounds, the smaller chunks after it correcting the overshoot)
+    quota_total = torch.ceil(torch.clamp(share * slack, max=1.0) * (level_final - start).clamp(min=0))
     flat_ids = ids.reshape(-1)
     for r in range(rounds):
         wanted = valid & ~chosen & (need.unsqueeze(1) > 0)
@@ -178,8 +178,12 @@ def _assign_chunk(
         open_ = wanted & (load < limit)[ids]
         per_token = need.unsqueeze(1) / open_.sum(dim=1, keepdim=True).clamp(min=1)
         demand = torch.zeros_like(load).scatter_add_(0, flat_ids, (open_ * per_token).reshape(-1))
-        pressure = (load + demand)[ids] + jitter
-        key = torch.where(open_, pressure, torch.full_like(pressure, float("inf")))
+        if proposal == "least_pressure":
+            key = (load + demand)[ids] + jitter
+        else:  # "proportional": sample candidates with probability ~ room / expected demand
+            weight = (limit - load).clamp(min=0) / demand.clamp(min=1e-6)
+            key = -torch.log(jitter.clamp(min=1e-6)) / weight[ids].clamp(min=1e-9)
+        key = torch.where(open_, key, torch.full_like(key, float("inf")))
         order = torch.argsort(key, dim=1, stable=True)
         first = torch.arange(c, device=dev).unsqueeze(0) < need.unsqueeze(1)
         propose = torch.zeros_like(open_).scatter_(1, order, first) & open_
@@ -219,8 +223,8 @@ def laser(
     k, E = gate.topk, gate.num_experts
     vanilla_idx, flexible, pool_idx, valid, load = laser_plan(logits, gate, params, ctx)
     T, c = pool_idx.shape
-    if c == k or T == 0:
-        return _finish(logits, gate, vanilla_idx, flexible, pool_idx)
+    if c == k or T == 0:  # nothing to choose (c = k: pool_idx is vanilla_idx)
+        return _finish(logits, gate, vanilla_idx, flexible, pool_idx[:, :k])
 
     need_all = torch.where(flexible, k, 0)
     pending_need = need_all.flip(0).cumsum(0).flip(0).float()  # need of tokens t.. end
@@ -234,7 +238,7 @@ def laser(
         chunk_need = pending_need[a] - (pending_need[b] if b < T else 0.0)
         share = chunk_need / pending_need[a].clamp(min=1)
         got, load = _assign_chunk(
-            pool_idx[a:b], valid[a:b], need_all[a:b], load, level_final, share, params.rounds, a
+            pool_idx[a:b], valid[a:b], need_all[a:b], load, level_final, share, params.rounds, params.chunk_slack, params.proposal, a
         )
         chosen.append(got)
     return _finish(logits, gate, vanilla_idx, flexible, _compact(torch.cat(chosen), pool_idx, k))

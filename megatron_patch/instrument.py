@@ -1,0 +1,141 @@
+"""Attach a ``moebalance.telemetry.MoERecorder`` to every MoELayer of a built Megatron-Core model.
+
+Nothing in Megatron is forked or subclassed: ``instrument`` shadows a few bound methods on each
+MoELayer *instance* (``MoELayer.forward`` calls them through ``self``), and ``remove`` restores
+them. The seams, in megatron-core 0.19.2 ``transformer/moe/moe_layer.py``
+(``forward`` -> ``custom_forward``: route -> preprocess -> dispatch -> routed_experts_compute ->
+combine -> postprocess):
+
+- ``router`` = ``layer.route`` (gate linear + the routing policy). Its output routing map gives
+  the assignments; the router's ``route_tokens`` (``BalancedRouter``) is wrapped on the fly to
+  read the valid token count and ``Routing.num_dropped``, so a router swapped in later
+  (``swap_routers``) is measured too.
+- ``dispatch`` = ``layer.preprocess`` + ``layer.dispatch``: dispatch metadata (the alltoall
+  dispatcher all-gathers tokens per expert here) and the token all-to-all / all-gather.
+- ``experts`` = ``layer.routed_experts_compute``: local permutation, the local experts' MLPs
+  and unpermutation, i.e. all work between the two collectives, proportional to the tokens
+  this rank received. ``layer.experts.forward`` is wrapped only to read ``tokens_per_expert``.
+- ``combine`` = ``layer.combine``: the return all-to-all / reduce-scatter. A rank with little
+  expert work waits here for the slowest one.
+Shared experts, the latent projections and ``postprocess`` are outside the four ranges.
+
+On CPU the gloo collectives are synchronous, so wall time per range is the time spent; on GPU
+the recorder times with CUDA events on the current stream.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from moebalance.telemetry import MoERecorder
+
+from .inject import moe_layers
+
+__all__ = ["Instrumentation", "instrument"]
+
+_ROUTE_TOKENS_MARK = "_moebalance_route_tokens_wrapped"
+
+
+@dataclass
+class Instrumentation:
+    """Handle returned by ``instrument``: ``remove()`` restores every wrapped method."""
+
+    recorder: MoERecorder
+    layers: list[int] = field(default_factory=list)
+    _restore: list[Callable[[], None]] = field(default_factory=list)
+
+    def remove(self) -> None:
+        while self._restore:
+            self._restore.pop()()
+
+
+def _shadow(obj: Any, name: str, wrapper_factory: Callable[[Callable], Callable], undo: list) -> None:
+    """Set ``obj.<name>`` (an instance attribute) to ``wrapper_factory(original bound method)``."""
+    original = getattr(obj, name)
+    had_own = name in vars(obj)
+    wrapped = functools.wraps(original)(wrapper_factory(original))
+    object.__setattr__(obj, name, wrapped)
+
+    def restore() -> None:
+        if had_own:
+            object.__setattr__(obj, name, original)
+        else:
+            delattr(obj, name)
+
+    undo.append(restore)
+
+
+def _timed(recorder: MoERecorder, range_name: str, layer: int):
+    def factory(original):
+        def wrapper(*args, **kwargs):
+            with recorder.range(range_name, layer):
+                return original(*args, **kwargs)
+
+        return wrapper
+
+    return factory
+
+
+def _wrap_route_tokens(router: torch.nn.Module, pending: dict) -> None:
+    """Capture (valid tokens, num_dropped) of a BalancedRouter's decision into ``pending``;
+    done once per router object (a marker attribute), so swapped-in routers get it too."""
+    if not hasattr(router, "route_tokens") or getattr(router, _ROUTE_TOKENS_MARK, False):
+        return
+    original = router.route_tokens
+
+    @functools.wraps(original)
+    def route_tokens(logits):
+        decision = original(logits)
+        pending["tokens"] = pending.get("tokens", 0) + decision.num_tokens
+        if decision.num_dropped is not None:
+            pending["dropped"] = pending.get("dropped", 0) + decision.num_dropped
+        return decision
+
+    object.__setattr__(router, "route_tokens", route_tokens)
+    object.__setattr__(router, _ROUTE_TOKENS_MARK, True)
+
+
+def instrument(model: torch.nn.Module, recorder: MoERecorder) -> Instrumentation:
+    """Record every MoELayer of ``model`` into ``recorder`` (layer ids: 0-based decoder layer
+    index, ``layer_number - 1``). Returns a handle whose ``remove()`` undoes it. Raises
+    ValueError when the model has no MoE layer."""
+    handle = Instrumentation(recorder)
+    for moe in moe_layers(model):
+        layer = moe.layer_number - 1
+        handle.layers.append(layer)
+        pending: dict = {}
+
+        def route_factory(original, moe=moe, layer=layer, pending=pending):
+            def route(hidden_states, padding_mask=None):
+                _wrap_route_tokens(moe.router, pending)
+                pending.clear()
+                with recorder.range("router", layer):
+                    probs, routing_map = original(hidden_states, padding_mask)
+                tokens = pending.get("tokens", routing_map.shape[0])
+                recorder.add_routing(
+                    layer, tokens, routing_map.sum(), pending.get("dropped", 0)
+                )
+                return probs, routing_map
+
+            return route
+
+        def experts_forward_factory(original, moe=moe, layer=layer):
+            def forward(dispatched_input, tokens_per_expert, *args, **kwargs):
+                recorder.add_tokens_per_expert(layer, tokens_per_expert, moe.local_expert_indices)
+                return original(dispatched_input, tokens_per_expert, *args, **kwargs)
+
+            return forward
+
+        _shadow(moe, "route", route_factory, handle._restore)
+        _shadow(moe, "preprocess", _timed(recorder, "dispatch", layer), handle._restore)
+        _shadow(moe, "dispatch", _timed(recorder, "dispatch", layer), handle._restore)
+        _shadow(moe, "routed_experts_compute", _timed(recorder, "experts", layer), handle._restore)
+        _shadow(moe, "combine", _timed(recorder, "combine", layer), handle._restore)
+        _shadow(moe.experts, "forward", experts_forward_factory, handle._restore)
+    if not handle.layers:
+        raise ValueError(f"no MoELayer found in {type(model).__name__}")
+    return handle

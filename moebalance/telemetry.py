@@ -1,0 +1,415 @@
+"""Timing, NVTX ranges and cross-rank aggregation for MoE layers (framework-agnostic, torch only).
+
+One ``MoERecorder`` per process records, for every model step (one forward call) and every MoE
+layer on this rank:
+
+- time in the four phases of an MoE layer, in ms: ``router`` (gate + routing decision),
+  ``dispatch`` (dispatch metadata and the token all-to-all / all-gather), ``experts`` (local
+  permutation, the local experts' MLPs, unpermutation: everything between the two collectives),
+  ``combine`` (the return all-to-all / reduce-scatter). A rank with little expert work waits
+  for the slowest rank inside ``combine``: that wait is the straggler effect.
+- tokens received by each local expert (tokens, from the ``tokens_per_expert`` the experts get);
+- tokens this rank routed, the (token, expert) assignments it made, and the top-k assignments
+  its policy dropped.
+
+Each timed phase is also an NVTX range ``moe/<phase> layer=<l>`` (``torch.cuda.nvtx`` with CUDA,
+the ``nvtx`` package otherwise, a no-op without either) so an Nsight Systems capture shows the
+straggler directly. Timing uses CUDA events on GPU (resolved once per step, in ``end_step``, so
+the hot path never synchronises) and ``time.perf_counter`` on CPU, where ops and gloo
+collectives are synchronous and wall time is the time spent.
+
+Steps begun with ``warmup=True`` are recorded but left out of ``records()`` and of the
+statistics unless asked for.
+
+Cross-rank statistics (``summarize``), per (step, layer) over the ranks of one EP group:
+
+- straggler time (ms) = max over ranks of expert time - mean over ranks of expert time;
+- per-rank load imbalance = max / mean over ranks of tokens received (1 = balanced);
+- MV (max violation) = max / mean - 1 over the EP-global expert loads (``moebalance.metrics``);
+- dropped fraction = dropped top-k assignments / (routed tokens x k), summed over everything.
+p50 / p95 are taken over all (step, layer) samples (linear interpolation between order
+statistics, as numpy's default).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+from . import metrics
+
+__all__ = [
+    "PHASES",
+    "RANGES",
+    "LayerStep",
+    "MoERecorder",
+    "gather_to_rank0",
+    "percentile",
+    "straggler_ms",
+    "rank_imbalance",
+    "join_ranks",
+    "summarize",
+]
+
+PHASES = ("prefill", "decode")
+RANGES = ("router", "dispatch", "experts", "combine")
+_NVTX_PREFIX = "moe/"
+
+
+def _nvtx_backend(device: torch.device) -> tuple[Any, Any]:
+    """(push(message), pop()) for NVTX ranges: torch.cuda.nvtx with CUDA, else the nvtx package
+    (a cheap call when no profiler is attached), else no-ops."""
+    if device.type == "cuda":
+        return torch.cuda.nvtx.range_push, torch.cuda.nvtx.range_pop
+    try:
+        import nvtx
+    except ImportError:  # optional on CPU-only installs
+        return (lambda message: None), (lambda: None)
+    return nvtx.push_range, nvtx.pop_range
+
+
+@dataclass
+class LayerStep:
+    """What one rank recorded for one MoE layer in one step.
+
+    Attributes:
+        rank: global rank. ep_rank: rank in its EP group. ep_group: index of that EP group.
+        step: step index (one model forward) since the recorder was created or cleared.
+        phase: "prefill" or "decode". warmup: recorded during a warm-up step.
+        layer: 0-based index of the layer in the decoder (dense layers count).
+        router_ms, dispatch_ms, experts_ms, combine_ms: time in each phase (ms), summed over
+            the calls of this layer in this step (one in a plain forward).
+        local_experts: [n_local] global indices of this rank's experts.
+        tokens_per_expert: [n_local] tokens received by each local expert (tokens).
+        tokens: tokens this rank routed (padding excluded when the router saw a mask).
+        assignments: (token, expert) pairs this rank's routing decision made.
+        dropped: top-k assignments its policy removed (0 for top-k and LASER).
+    """
+
+    rank: int
+    ep_rank: int
+    ep_group: int
+    step: int
+    phase: str
+    warmup: bool
+    layer: int
+    router_ms: float = 0.0
+    dispatch_ms: float = 0.0
+    experts_ms: float = 0.0
+    combine_ms: float = 0.0
+    local_experts: list[int] = field(default_factory=list)
+    tokens_per_expert: list[int] = field(default_factory=list)
+    tokens: int = 0
+    assignments: int = 0
+    dropped: int = 0
+
+
+class MoERecorder:
+    """Per-rank recorder of MoE layer timings and loads, step by step.
+
+    Usage (the framework adapter calls ``range`` / ``add_*``; the harness brackets steps)::
+
+        recorder = MoERecorder(device, rank=r, ep_rank=er, ep_group=g)
+        recorder.begin_step("prefill", warmup=False)
+        with recorder.range("experts", layer=3):
+            ...
+        recorder.add_tokens_per_expert(3, tokens_per_expert, local_experts)
+        recorder.end_step()
+        rows = recorder.records()            # warm-up steps left out
+
+    Outside ``begin_step`` / ``end_step`` nothing is recorded (ranges still emit NVTX).
+
+    Args:
+        device: where the model runs; CUDA selects CUDA-event timing and torch.cuda.nvtx.
+        rank, ep_rank, ep_group: copied into every record.
+        nvtx_ranges: emit NVTX ranges (default True).
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str = "cpu",
+        *,
+        rank: int = 0,
+        ep_rank: int = 0,
+        ep_group: int = 0,
+        nvtx_ranges: bool = True,
+    ) -> None:
+        self.device = torch.device(device)
+        self.use_cuda_events = self.device.type == "cuda"
+        self.rank, self.ep_rank, self.ep_group = rank, ep_rank, ep_group
+        push, pop = _nvtx_backend(self.device)
+        self._push = push if nvtx_ranges else (lambda message: None)
+        self._pop = pop if nvtx_ranges else (lambda: None)
+        self._rows: list[LayerStep] = []
+        self._step = -1
+        self._phase: str | None = None
+        self._warmup = False
+        self._current: dict[int, LayerStep] = {}
+        self._pending_events: list[tuple[LayerStep, str, Any, Any]] = []
+        self._pending_tensors: list[tuple[LayerStep, str, Any]] = []
+
+    # ------------------------------------------------------------------ steps
+    @property
+    def active(self) -> bool:
+        """True between ``begin_step`` and ``end_step``."""
+        return self._phase is not None
+
+    def begin_step(self, phase: str, *, warmup: bool = False) -> int:
+        """Start recording one model step; returns its index."""
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+        if self.active:
+            raise RuntimeError("begin_step called twice without end_step")
+        self._step += 1
+        self._phase, self._warmup = phase, bool(warmup)
+        self._current = {}
+        return self._step
+
+    def end_step(self) -> None:
+        """Finish the step: resolve CUDA events and device tensors (one synchronisation)."""
+        if not self.active:
+            raise RuntimeError("end_step called without begin_step")
+        if self._pending_events:
+            self._pending_events[-1][3].synchronize()  # events complete in stream order
+        for row, name, start, end in self._pending_events:
+            setattr(row, name, getattr(row, name) + float(start.elapsed_time(end)))
+        for row, name, value in self._pending_tensors:
+            if name == "tokens_per_expert":
+                counts = [int(v) for v in torch.as_tensor(value).reshape(-1).tolist()]
+                if row.tokens_per_expert:
+                    counts = [a + b for a, b in zip(row.tokens_per_expert, counts)]
+                row.tokens_per_expert = counts
+            else:
+                setattr(row, name, getattr(row, name) + int(value))
+        self._pending_events.clear()
+        self._pending_tensors.clear()
+        self._rows.extend(self._current[layer] for layer in sorted(self._current))
+        self._current = {}
+        self._phase = None
+
+    def clear(self) -> None:
+        """Forget every record (the step counter restarts at 0)."""
+        if self.active:
+            raise RuntimeError("clear called inside a step")
+        self._rows.clear()
+        self._step = -1
+
+    # ------------------------------------------------------------------ recording
+    def _row(self, layer: int) -> LayerStep:
+        row = self._current.get(layer)
+        if row is None:
+            row = LayerStep(
+                rank=self.rank,
+                ep_rank=self.ep_rank,
+                ep_group=self.ep_group,
+                step=self._step,
+                phase=self._phase,
+                warmup=self._warmup,
+                layer=int(layer),
+            )
+            self._current[layer] = row
+        return row
+
+    @contextlib.contextmanager
+    def range(self, name: str, layer: int) -> Iterator[None]:
+        """Time the enclosed code as phase ``name`` (one of RANGES) of MoE layer ``layer`` and
+        mark it as the NVTX range ``moe/<name> layer=<layer>``. Adds to ``<name>_ms``."""
+        if name not in RANGES:
+            raise ValueError(f"range name must be one of {RANGES}, got {name!r}")
+        self._push(f"{_NVTX_PREFIX}{name} layer={layer}")
+        try:
+            if not self.active:
+                yield
+                return
+            row = self._row(layer)
+            if self.use_cuda_events:
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                yield
+                end.record()
+                self._pending_events.append((row, f"{name}_ms", start, end))
+            else:
+                t0 = time.perf_counter()
+                yield
+                elapsed_ms = (time.perf_counter() - t0) * 1e3
+                setattr(row, f"{name}_ms", getattr(row, f"{name}_ms") + elapsed_ms)
+        finally:
+            self._pop()
+
+    def add_tokens_per_expert(
+        self, layer: int, tokens_per_expert: torch.Tensor, local_experts: Sequence[int]
+    ) -> None:
+        """Tokens received by each local expert ([n_local], any device; read at end_step)."""
+        if not self.active:
+            return
+        row = self._row(layer)
+        row.local_experts = [int(e) for e in local_experts]
+        self._pending_tensors.append((row, "tokens_per_expert", tokens_per_expert.detach()))
+
+    def add_routing(
+        self,
+        layer: int,
+        tokens: int | torch.Tensor,
+        assignments: int | torch.Tensor,
+        dropped: int | torch.Tensor = 0,
+    ) -> None:
+        """This rank's routing decision: tokens routed, (token, expert) assignments made and
+        top-k assignments dropped (ints or 0-dim tensors on any device; read at end_step)."""
+        if not self.active:
+            return
+        row = self._row(layer)
+        for name, value in (("tokens", tokens), ("assignments", assignments), ("dropped", dropped)):
+            if torch.is_tensor(value):
+                self._pending_tensors.append((row, name, value.detach()))
+            else:
+                setattr(row, name, getattr(row, name) + int(value))
+
+    # ------------------------------------------------------------------ results
+    def records(self, include_warmup: bool = False) -> list[dict]:
+        """Every finished (step, layer) record of this rank as a plain dict (``LayerStep``)."""
+        return [asdict(r) for r in self._rows if include_warmup or not r.warmup]
+
+
+# ---------------------------------------------------------------------- cross-rank
+
+
+def gather_to_rank0(obj: Any, group: dist.ProcessGroup | None = None) -> list[Any] | None:
+    """Gather a picklable ``obj`` from every rank of ``group`` (default: the world) to its
+    first rank. Returns the list in group-rank order there, None on the other ranks; [obj]
+    when torch.distributed is not initialised. Works on gloo and NCCL (NCCL moves the pickled
+    bytes through the current CUDA device). Collective: every rank of the group must call it."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    size = dist.get_world_size(group)
+    first = dist.get_global_rank(group, 0) if group is not None else 0
+    is_first = dist.get_rank() == first
+    out = [None] * size if is_first else None
+    dist.gather_object(obj, out, dst=first, group=group)
+    return out
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (q in [0, 100]) of ``values``, NaNs ignored, linear interpolation
+    between order statistics (numpy's default). NaN when nothing is left."""
+    if not 0 <= q <= 100:
+        raise ValueError(f"q must be in [0, 100], got {q!r}")
+    data = sorted(float(v) for v in values if not math.isnan(float(v)))
+    if not data:
+        return math.nan
+    pos = (len(data) - 1) * q / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(data) - 1)
+    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
+
+
+def straggler_ms(expert_ms: torch.Tensor) -> torch.Tensor:
+    """[..., R] expert time per rank (ms) -> [...] straggler time (ms) = max - mean over ranks."""
+    t = expert_ms.double()
+    return t.max(dim=-1)[0] - t.mean(dim=-1)
+
+
+def rank_imbalance(tokens_per_rank: torch.Tensor) -> torch.Tensor:
+    """[..., R] tokens received per rank -> [...] max / mean over ranks (1 = balanced; NaN when
+    no rank received a token)."""
+    return metrics.imbalance_ratio(tokens_per_rank)
+
+
+def join_ranks(records: Sequence[dict]) -> list[dict]:
+    """Join per-rank ``LayerStep`` dicts (from all ranks) into one sample per (EP group, step,
+    layer), ranks in EP order. Each sample: ep_group, step, phase, layer, and per-rank lists
+    ``experts_ms``, ``dispatch_ms``, ``combine_ms``, ``router_ms`` (ms), ``tokens_per_rank``
+    (tokens received), ``expert_load`` (EP-global [E] tokens per expert), plus summed
+    ``tokens``, ``assignments``, ``dropped``. Raises ValueError when a sample misses a rank."""
+    groups: dict[tuple[int, int, int], list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["ep_group"], r["step"], r["layer"]), []).append(r)
+    ep_sizes = {}
+    for (g, _, _), rows in groups.items():
+        ep_sizes[g] = max(ep_sizes.get(g, 0), len(rows))
+    samples = []
+    for (g, step, layer), rows in sorted(groups.items()):
+        rows = sorted(rows, key=lambda r: r["ep_rank"])
+        if [r["ep_rank"] for r in rows] != list(range(ep_sizes[g])):
+            raise ValueError(
+                f"EP group {g}, step {step}, layer {layer}: records from EP ranks "
+                f"{[r['ep_rank'] for r in rows]}, expected 0..{ep_sizes[g] - 1}"
+            )
+        samples.append(
+            {
+                "ep_group": g,
+                "step": step,
+                "phase": rows[0]["phase"],
+                "layer": layer,
+                **{f"{n}_ms": [r[f"{n}_ms"] for r in rows] for n in RANGES},
+                "tokens_per_rank": [sum(r["tokens_per_expert"]) for r in rows],
+                "expert_load": [c for r in rows for c in r["tokens_per_expert"]],
+                "tokens": sum(r["tokens"] for r in rows),
+                "assignments": sum(r["assignments"] for r in rows),
+                "dropped": sum(r["dropped"] for r in rows),
+            }
+        )
+    return samples
+
+
+def _stats(values: Sequence[float]) -> dict[str, float]:
+    finite = [v for v in values if not math.isnan(v)]
+    return {
+        "p50": percentile(finite, 50),
+        "p95": percentile(finite, 95),
+        "mean": sum(finite) / len(finite) if finite else math.nan,
+        "max": max(finite) if finite else math.nan,
+        "n": len(finite),
+    }
+
+
+def _sample_figures(sample: dict) -> dict[str, float]:
+    """Straggler (ms), per-rank imbalance, MV, and mean per-rank phase times of one sample."""
+    load = torch.tensor(sample["expert_load"], dtype=torch.float64)
+    per_rank = torch.tensor(sample["tokens_per_rank"], dtype=torch.float64)
+    return {
+        "straggler_ms": float(straggler_ms(torch.tensor(sample["experts_ms"]))),
+        "rank_imbalance": float(rank_imbalance(per_rank)) if per_rank.sum() > 0 else math.nan,
+        "max_violation": float(metrics.max_violation(load)) if load.sum() > 0 else math.nan,
+        **{f"{n}_ms": sum(sample[f"{n}_ms"]) / len(sample[f"{n}_ms"]) for n in RANGES},
+    }
+
+
+def _summary_of(samples: Sequence[dict], topk: int) -> dict[str, Any]:
+    figures = [_sample_figures(s) for s in samples]
+    keys = ("straggler_ms", "rank_imbalance", "max_violation") + tuple(f"{n}_ms" for n in RANGES)
+    routed = sum(s["tokens"] for s in samples) * topk
+    return {
+        "samples": len(samples),
+        **{k: _stats([f[k] for f in figures]) for k in keys},
+        "dropped_fraction": sum(s["dropped"] for s in samples) / routed if routed else 0.0,
+        "tokens": sum(s["tokens"] for s in samples),
+        "assignments": sum(s["assignments"] for s in samples),
+    }
+
+
+def summarize(records: Sequence[dict], topk: int) -> dict[str, Any]:
+    """Statistics over the (step, layer) samples of ``records`` (``LayerStep`` dicts of all
+    ranks, e.g. the concatenated result of ``gather_to_rank0``), overall and per phase.
+
+    Returns {"all": S, "prefill": S, "decode": S, "per_layer": {layer: S}} where S has
+    ``straggler_ms``, ``rank_imbalance``, ``max_violation``, ``router_ms``, ``dispatch_ms``,
+    ``experts_ms``, ``combine_ms`` (each {"p50", "p95", "mean", "max", "n"}; phase times are the
+    mean over ranks of each sample), ``dropped_fraction``, ``samples``, ``tokens``,
+    ``assignments``. Warm-up records should be left out before (``records()`` does).
+    """
+    samples = join_ranks(records)
+    out: dict[str, Any] = {"all": _summary_of(samples, topk)}
+    for phase in PHASES:
+        out[phase] = _summary_of([s for s in samples if s["phase"] == phase], topk)
+    layers = sorted({s["layer"] for s in samples})
+    out["per_layer"] = {
+        layer: _summary_of([s for s in samples if s["layer"] == layer], topk) for layer in layers
+    }
+    return out
