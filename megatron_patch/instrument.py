@@ -7,9 +7,9 @@ them. The seams, in megatron-core 0.19.2 ``transformer/moe/moe_layer.py``
 combine -> postprocess):
 
 - ``router`` = ``layer.route`` (gate linear + the routing policy). Its output routing map gives
-  the assignments; the router's ``route_tokens`` (``BalancedRouter``) is wrapped on the fly to
-  read the valid token count and ``Routing.num_dropped``, so a router swapped in later
-  (``swap_routers``) is measured too.
+  the assignments; a ``BalancedRouter``'s ``last_routing`` gives the valid token count and
+  ``Routing.num_dropped`` (a stock router: all rows, no drops). Read from ``layer.router`` at
+  each call, so a router swapped in later (``swap_routers``) is measured too.
 - ``dispatch`` = ``layer.preprocess`` + ``layer.dispatch``: dispatch metadata (the alltoall
   dispatcher all-gathers tokens per expert here) and the token all-to-all / all-gather.
 - ``experts`` = ``layer.routed_experts_compute``: local permutation, the local experts' MLPs
@@ -37,8 +37,6 @@ from .inject import moe_layers
 
 __all__ = ["Instrumentation", "instrument"]
 
-_ROUTE_TOKENS_MARK = "_moebalance_route_tokens_wrapped"
-
 
 @dataclass
 class Instrumentation:
@@ -53,7 +51,9 @@ class Instrumentation:
             self._restore.pop()()
 
 
-def _shadow(obj: Any, name: str, wrapper_factory: Callable[[Callable], Callable], undo: list) -> None:
+def _shadow(
+    obj: Any, name: str, wrapper_factory: Callable[[Callable], Callable], undo: list
+) -> None:
     """Set ``obj.<name>`` (an instance attribute) to ``wrapper_factory(original bound method)``."""
     original = getattr(obj, name)
     had_own = name in vars(obj)
@@ -80,25 +80,6 @@ def _timed(recorder: MoERecorder, range_name: str, layer: int):
     return factory
 
 
-def _wrap_route_tokens(router: torch.nn.Module, pending: dict) -> None:
-    """Capture (valid tokens, num_dropped) of a BalancedRouter's decision into ``pending``;
-    done once per router object (a marker attribute), so swapped-in routers get it too."""
-    if not hasattr(router, "route_tokens") or getattr(router, _ROUTE_TOKENS_MARK, False):
-        return
-    original = router.route_tokens
-
-    @functools.wraps(original)
-    def route_tokens(logits):
-        decision = original(logits)
-        pending["tokens"] = pending.get("tokens", 0) + decision.num_tokens
-        if decision.num_dropped is not None:
-            pending["dropped"] = pending.get("dropped", 0) + decision.num_dropped
-        return decision
-
-    object.__setattr__(router, "route_tokens", route_tokens)
-    object.__setattr__(router, _ROUTE_TOKENS_MARK, True)
-
-
 def instrument(model: torch.nn.Module, recorder: MoERecorder) -> Instrumentation:
     """Record every MoELayer of ``model`` into ``recorder`` (layer ids: 0-based decoder layer
     index, ``layer_number - 1``). Returns a handle whose ``remove()`` undoes it. Raises
@@ -107,18 +88,20 @@ def instrument(model: torch.nn.Module, recorder: MoERecorder) -> Instrumentation
     for moe in moe_layers(model):
         layer = moe.layer_number - 1
         handle.layers.append(layer)
-        pending: dict = {}
 
-        def route_factory(original, moe=moe, layer=layer, pending=pending):
+        def route_factory(original, moe=moe, layer=layer):
             def route(hidden_states, padding_mask=None):
-                _wrap_route_tokens(moe.router, pending)
-                pending.clear()
+                router = moe.router
+                if hasattr(router, "last_routing"):
+                    router.last_routing = None
                 with recorder.range("router", layer):
                     probs, routing_map = original(hidden_states, padding_mask)
-                tokens = pending.get("tokens", routing_map.shape[0])
-                recorder.add_routing(
-                    layer, tokens, routing_map.sum(), pending.get("dropped", 0)
-                )
+                decision = getattr(router, "last_routing", None)
+                if decision is None:  # a stock router: every row routed, nothing dropped
+                    recorder.add_routing(layer, routing_map.shape[0], routing_map.sum(), 0)
+                else:
+                    dropped = decision.num_dropped if decision.num_dropped is not None else 0
+                    recorder.add_routing(layer, decision.num_tokens, routing_map.sum(), dropped)
                 return probs, routing_map
 
             return route

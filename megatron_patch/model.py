@@ -1,13 +1,12 @@
 """Build a Megatron-Core GPT-MoE for expert-parallel inference from a YAML model config.
 
 ``moebalance.model_config.ModelConfig`` maps one-to-one onto the YAML files in
-``configs/models/``. ``init_distributed``
-starts the process groups (NCCL with CUDA, gloo otherwise; EP = world size by default,
-tensor/pipeline parallel 1) with a collective timeout and applies the CPU shims on CPU;
-``build_model`` builds ``GPTModel`` from the local (Megatron-Core only) layer specs with the
-chosen balancing router injected into every MoE layer (``megatron_patch.with_router``), then
-either loads a checkpoint or initialises the weights deterministically and, optionally, skews
-the routers.
+``configs/models/``. ``init_distributed`` starts the process groups (NCCL with CUDA, gloo
+otherwise; EP = world size by default, tensor/pipeline parallel 1) with a collective timeout and
+applies the CPU shims on CPU; ``build_model`` builds ``GPTModel`` from the local (Megatron-Core
+only) layer specs with the chosen balancing router injected into every MoE layer
+(``megatron_patch.with_router``), then either loads a checkpoint or initialises the weights
+deterministically and, optionally, skews the routers.
 
 Design points:
 
@@ -25,8 +24,9 @@ Design points:
   indices), read by every rank for its own experts (``load_checkpoint`` / ``save_checkpoint``).
   Converting Hugging Face checkpoints (Mixtral, OLMoE, DeepSeek-MoE) to these keys is not
   implemented yet.
-- Skew (``skew: none | mixtral | olmoe | deepseek``): random gate weights route almost
-  uniformly, leaving a balancing router nothing to do. ``apply_skew`` perturbs each MoE layer
+- Skew (``skew: none | mixtral | olmoe | deepseek``): random gates route with a mild, arbitrary
+  skew of their own (max/mean ~1.3 in the tiny model), unlike any real model, which gives a
+  balancing router little to do. ``apply_skew`` replaces each MoE layer's gate
   deterministically so that vanilla top-k routing follows a real per-expert load profile from
   ``moebalance.workloads`` (see ``apply_skew``). Random-initialised models only.
 """
@@ -117,6 +117,10 @@ def init_distributed(ep_size: Optional[int] = None, timeout_s: float = 120.0) ->
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    world = int(os.environ["WORLD_SIZE"])
+    ep_size = world if ep_size is None else ep_size
+    if ep_size < 1 or world % ep_size:
+        raise ConfigError(f"ep={ep_size} must be >= 1 and divide the world size {world}")
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -125,10 +129,6 @@ def init_distributed(ep_size: Optional[int] = None, timeout_s: float = 120.0) ->
         backend, device = "gloo", torch.device("cpu")
     timeout = datetime.timedelta(seconds=timeout_s)
     dist.init_process_group(backend, timeout=timeout)
-    world = dist.get_world_size()
-    ep_size = world if ep_size is None else ep_size
-    if world % ep_size:
-        raise ConfigError(f"ep={ep_size} must divide the world size {world}")
     apply_cpu_shims()  # no-op with CUDA
     parallel_state.initialize_model_parallel(
         expert_model_parallel_size=ep_size,
@@ -168,13 +168,16 @@ def transformer_config(cfg: ModelConfig, *, ep_size: int, dispatcher: str = "all
     import torch.nn.functional as F
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    _require(dispatcher in DISPATCHERS, f"dispatcher must be one of {DISPATCHERS}, got {dispatcher!r}")
+    _require(
+        dispatcher in DISPATCHERS, f"dispatcher must be one of {DISPATCHERS}, got {dispatcher!r}"
+    )
     _require(
         cfg.num_experts % ep_size == 0,
         f"ep={ep_size} must divide num_experts={cfg.num_experts}",
     )
     dtype = TORCH_DTYPES[cfg.dtype]
     cuda = torch.cuda.is_available()
+    num_moe_layers = cfg.num_layers - cfg.first_dense_layers
     return TransformerConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -190,7 +193,7 @@ def transformer_config(cfg: ModelConfig, *, ep_size: int, dispatcher: str = "all
         moe_router_dtype="fp32",
         moe_aux_loss_coeff=0.0,
         moe_shared_expert_intermediate_size=cfg.shared_expert_ffn_hidden_size,
-        moe_layer_freq=[0] * cfg.first_dense_layers + [1] * (cfg.num_layers - cfg.first_dense_layers),
+        moe_layer_freq=[0] * cfg.first_dense_layers + [1] * num_moe_layers,
         moe_token_dispatcher_type=dispatcher,
         # Dynamic dispatch buffers for every router (see the module docstring).
         moe_expert_capacity_factor=float(cfg.num_experts),
@@ -241,7 +244,8 @@ def build_model(
         "skew applies to randomly initialised models only; set skew: none with a checkpoint",
     )
     router_cls = make_router_class(router, router_params, load_scope=load_scope)
-    config = prepare_config(transformer_config(cfg, ep_size=ep_size, dispatcher=dispatcher), router_cls)
+    config = transformer_config(cfg, ep_size=ep_size, dispatcher=dispatcher)
+    config = prepare_config(config, router_cls)
     spec = get_gpt_decoder_block_spec(
         config, use_transformer_engine=False, normalization=cfg.normalization
     )
@@ -254,6 +258,10 @@ def build_model(
         position_embedding_type="rope",
         rotary_base=cfg.rotary_base,
     )
+    if cfg.dtype != "float32":
+        model.to(TORCH_DTYPES[cfg.dtype])  # as Megatron's Float16Module does
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())  # norms and the router weight start on the CPU
     model.eval()
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
@@ -310,7 +318,8 @@ def init_weights(model: torch.nn.Module, cfg: ModelConfig) -> None:
         if param is None:  # a buffer (e.g. rotary frequencies): keep Megatron's
             continue
         if param.dim() >= 2:
-            std = scaled_std if (".linear_proj." in key or ".linear_fc2." in key) else cfg.init_method_std
+            output_projection = ".linear_proj." in key or ".linear_fc2." in key
+            std = scaled_std if output_projection else cfg.init_method_std
             gen = torch.Generator().manual_seed(_seed_for(cfg.init_seed, canonical))
             value = torch.randn(param.shape, generator=gen, dtype=torch.float32) * std
         elif key.endswith(".bias"):
@@ -321,24 +330,26 @@ def init_weights(model: torch.nn.Module, cfg: ModelConfig) -> None:
 
 
 def _check_checkpoint_keys(
-    model: torch.nn.Module, names: dict[str, str], file_keys: set[str], path: Path
+    names: dict[str, str], file_keys: set[str], num_experts: int, path: Path
 ) -> None:
+    """ConfigError unless the file holds every key this rank needs and nothing else, experts
+    of the other EP ranks (global index < num_experts) aside."""
     expected = set(names.values())
     missing = sorted(expected - file_keys)
-    experts = {}
-    for canonical in expected:
-        m = _EXPERT_KEY.match(canonical)
-        if m:
-            experts[(m.group(1), m.group(4))] = True
-    allowed_expert = lambda key: (m := _EXPERT_KEY.match(key)) is not None and (  # noqa: E731
-        (m.group(1), m.group(4)) in experts
-    )
-    unexpected = sorted(k for k in file_keys - expected if not allowed_expert(k))
+    expert_slots = {(m.group(1), m.group(4)) for k in expected if (m := _EXPERT_KEY.match(k))}
+
+    def other_rank_expert(key: str) -> bool:
+        m = _EXPERT_KEY.match(key)
+        if m is None:
+            return False
+        return (m.group(1), m.group(4)) in expert_slots and int(m.group(3)) < num_experts
+
+    unexpected = sorted(k for k in file_keys - expected if not other_rank_expert(k))
     if missing or unexpected:
         raise ConfigError(
-            f"checkpoint {path} does not fit the model config: missing {missing[:5]}"
-            f"{' ...' if len(missing) > 5 else ''} ({len(missing)}), unexpected {unexpected[:5]}"
-            f"{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)})"
+            f"checkpoint {path} does not fit the model config: {len(missing)} missing "
+            f"{missing[:3]}{' ...' if len(missing) > 3 else ''}, {len(unexpected)} unexpected "
+            f"{unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}"
         )
 
 
@@ -361,7 +372,7 @@ def load_checkpoint(model: torch.nn.Module, path: str | Path) -> None:
     names = canonical_names(model)
     state = model.state_dict()
     with safe_open(str(path), framework="pt", device="cpu") as f:
-        _check_checkpoint_keys(model, names, set(f.keys()), path)
+        _check_checkpoint_keys(names, set(f.keys()), model.config.num_moe_experts, path)
         for key, canonical in names.items():
             value = f.get_tensor(canonical)
             target = state[key]
@@ -440,19 +451,28 @@ def _profile_position(layer: int, num_layers: int, num_profiles: int) -> int:
     return round(layer * (num_profiles - 1) / (num_layers - 1))
 
 
-def _capture_moe_input(model: torch.nn.Module, norm: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def _capture_moe_input(
+    model: torch.nn.Module, norm: torch.nn.Module, ids: torch.Tensor, chunk: int = 16
+) -> torch.Tensor:
     """[tokens, H] float64: what ``norm`` (a pre-MLP norm) outputs when ``model`` runs ``ids``
-    [B, S] (full causal attention, no cache). Collective at EP > 1: every rank runs it."""
-    B, S = ids.shape
-    mask = torch.ones(S, S, dtype=torch.bool, device=ids.device).triu(1)[None, None].expand(B, 1, S, S)
-    positions = torch.arange(S, device=ids.device).unsqueeze(0).expand(B, S)
+    [B, S] (full causal attention, no cache), ``chunk`` sequences at a time to bound memory.
+    Collective at EP > 1: every rank runs it."""
+    _, S = ids.shape
+    mask = torch.ones(S, S, dtype=torch.bool, device=ids.device).triu(1)[None, None]
+    positions = torch.arange(S, device=ids.device).unsqueeze(0)
     seen = []
-    handle = norm.register_forward_hook(lambda module, args, output: seen.append(output))
+
+    def keep(module, args, output):
+        seen.append(output.reshape(-1, output.shape[-1]).double().cpu())
+
+    handle = norm.register_forward_hook(keep)
     try:
-        model(ids, positions, mask)
+        for part in ids.split(chunk):
+            B = part.shape[0]
+            model(part, positions.expand(B, S), mask.expand(B, 1, S, S))
     finally:
         handle.remove()
-    return seen[0].reshape(-1, seen[0].shape[-1]).double().cpu()
+    return torch.cat(seen)
 
 
 def _decorrelated_gate(
@@ -525,7 +545,9 @@ def apply_skew(
     for index, layer in sorted(moe.items()):
         norm = model.decoder.layers[index].pre_mlp_layernorm
         bias = getattr(norm, "bias", None)
-        _require(bias is not None, f"layer {index}: the pre-MLP norm has no bias (skew needs LayerNorm)")
+        _require(
+            bias is not None, f"layer {index}: the pre-MLP norm has no bias (skew needs LayerNorm)"
+        )
         position = _profile_position(index, cfg.num_layers, len(preset.layers))
         load = skew_profile(cfg.skew, position, cfg.num_experts, cfg.topk, cfg.skew_domain)
         popularity = fit_popularity_bias(load, cfg.topk).double()  # [E]

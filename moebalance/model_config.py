@@ -45,6 +45,9 @@ def _require(cond: bool, message: str) -> None:
 class ModelConfig:
     """A GPT-MoE's shape, gate and initialisation (one YAML file in ``configs/models``).
 
+    The defaults are a minimal model for unit tests; ``configs/models/tiny.yaml`` is the
+    harness's default model.
+
     Attributes:
         name: label for reports.
         vocab_size: tokens in the vocabulary (256 = byte level).
@@ -109,6 +112,14 @@ class ModelConfig:
                 isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                 f"{name} must be an integer >= 1, got {value!r}",
             )
+        for name in ("pre_softmax", "qk_layernorm", "tie_embeddings"):
+            value = getattr(self, name)
+            _require(isinstance(value, bool), f"{name} must be true or false, got {value!r}")
+        _require(
+            isinstance(self.first_dense_layers, int) and isinstance(self.init_seed, int),
+            f"first_dense_layers and init_seed must be integers, got {self.first_dense_layers!r} "
+            f"and {self.init_seed!r}",
+        )
         for name in ("num_query_groups", "moe_ffn_hidden_size", "shared_expert_ffn_hidden_size"):
             value = getattr(self, name)
             _require(
@@ -162,6 +173,11 @@ class ModelConfig:
                 f"got {self.skew_domain!r}",
             )
             _require(
+                self.num_experts <= self.hidden_size - 2,
+                f"skew needs num_experts ({self.num_experts}) <= hidden_size - 2 "
+                f"({self.hidden_size - 2}): each expert gets its own noise direction",
+            )
+            _require(
                 self.normalization == "LayerNorm",
                 "skew needs normalization: LayerNorm (the pre-MLP LayerNorm bias carries the "
                 f"skew direction), got {self.normalization!r}",
@@ -206,7 +222,9 @@ def load_model_config(path_or_name: str | Path) -> ModelConfig:
     known = {f.name for f in fields(ModelConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"model config {path}: unknown field(s) {unknown}; allowed: {sorted(known)}")
+        raise ConfigError(
+            f"model config {path}: unknown field(s) {unknown}; allowed: {sorted(known)}"
+        )
     try:
         return ModelConfig(**data)
     except ConfigError as err:

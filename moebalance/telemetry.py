@@ -176,7 +176,7 @@ class MoERecorder:
         if not self.active:
             raise RuntimeError("end_step called without begin_step")
         if self._pending_events:
-            self._pending_events[-1][3].synchronize()  # events complete in stream order
+            torch.cuda.synchronize(self.device)  # every recorded event has completed
         for row, name, start, end in self._pending_events:
             setattr(row, name, getattr(row, name) + float(start.elapsed_time(end)))
         for row, name, value in self._pending_tensors:

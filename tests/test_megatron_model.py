@@ -90,7 +90,7 @@ def _presets_case():
             "shared_experts": any(".shared_experts." in n for n in names),
             "dense_layer_0": not any(n.startswith("decoder.layers.0.mlp.router") for n in names),
             "qk_norm": any("q_layernorm" in n for n in names),
-            "rms_norm": "bias" not in dict(model.decoder.layers[-1].pre_mlp_layernorm.named_parameters()),
+            "rms_norm": getattr(model.decoder.layers[-1].pre_mlp_layernorm, "bias", None) is None,
         }
     return out
 
@@ -142,7 +142,9 @@ def _skew_case(world, rank):
     for skew in ("none", "olmoe", "mixtral"):
         cfg = ModelConfig(**TINY, skew=skew)
         load = _vanilla_load(build_model(cfg, ep_size=world), ids)
-        profiles = [skew_profile(skew, p, 8, 2) if skew != "none" else torch.ones(8) for p in (0, 2)]
+        profiles = [
+            skew_profile(skew, p, 8, 2) if skew != "none" else torch.ones(8) for p in (0, 2)
+        ]
         out[skew] = {
             "imbalance": (load.max(dim=1)[0] / load.mean(dim=1)).tolist(),
             "target": [float(p.max()) for p in profiles],  # first, last profiled layer
@@ -160,7 +162,7 @@ def _instrument_case(world, rank):
     from megatron_patch import moe_layers
     from megatron_patch.instrument import instrument
     from megatron_patch.model import ModelConfig, build_model
-    from moebalance.telemetry import MoERecorder
+    from moebalance.telemetry import RANGES, MoERecorder
 
     model = build_model(ModelConfig(**TINY, skew="olmoe"), ep_size=world, router="token_drop")
     ids = _tokens(seed=rank)
@@ -182,7 +184,7 @@ def _instrument_case(world, rank):
         "dropped": [r["dropped"] for r in rows],
         "received": [sum(r["tokens_per_expert"]) for r in rows],
         "local_experts": [r["local_experts"] for r in rows],
-        "times_positive": all(r[f"{n}_ms"] > 0 for r in rows for n in ("router", "dispatch", "experts", "combine")),
+        "times_positive": all(r[f"{n}_ms"] > 0 for r in rows for n in RANGES),
         "restored": [set(b) == set(a) for b, a in zip(before, after)],
     }
 
@@ -204,7 +206,8 @@ def _rank_main(rank, world, tmp):
             results["presets"] = _presets_case()
         results["ep_invariance"] = _ep_invariance_case(world)
         if world == 2:
-            results["checkpoint"] = _checkpoint_case(world, rank, os.path.join(tmp, "tiny.safetensors"))
+            path = os.path.join(tmp, "tiny.safetensors")
+            results["checkpoint"] = _checkpoint_case(world, rank, path)
             results["instrument"] = _instrument_case(world, rank)
         results["skew"] = _skew_case(world, rank)
     finally:

@@ -24,27 +24,37 @@ def expert_capacity(num_tokens: int, gate: GateConfig, capacity_factor: float) -
     return math.ceil(capacity_factor * num_tokens * gate.topk / gate.num_experts)
 
 
+def _ordered_keys(priority: torch.Tensor) -> torch.Tensor:
+    """[G, N] float -> [G, N] int64 keys in the same order, all distinct: the float's bits made
+    monotone in the high 32 bits, ties broken by position (earlier entries rank higher)."""
+    bits = priority.float().contiguous().view(torch.int32).to(torch.int64)
+    monotone = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    n = priority.shape[-1]
+    position = torch.arange(n - 1, -1, -1, device=priority.device, dtype=torch.int64)
+    return monotone * (1 << 32) + position
+
+
 def keep_top_per_group(priority: torch.Tensor, group_size: int, capacity: int) -> torch.Tensor:
     """[T, E] bool: in each group of ``group_size`` adjacent expert columns, the ``capacity``
     (token, expert) entries of highest ``priority`` among the finite ones.
 
-    priority: [T, E] float, -inf where the pair is not a candidate. Ties at the threshold go to
-    the earlier token, so no group ever keeps more than ``capacity`` entries.
+    priority: [T, E] float, -inf where the pair is not a candidate. Ties go to the earlier token,
+    so no group ever keeps more than ``capacity`` entries. One ``kthvalue`` per group on distinct
+    integer keys: no sort, no host synchronisation.
     """
     T, E = priority.shape
     G = E // group_size
     flat = priority.view(T, G, group_size).permute(1, 0, 2).reshape(G, T * group_size)
     candidate = torch.isfinite(flat)
-    if capacity >= T * group_size:
+    n = T * group_size
+    if capacity >= n:
         keep = candidate
     elif capacity == 0:
         keep = torch.zeros_like(candidate)
     else:
-        threshold = torch.topk(flat, capacity, dim=1, sorted=False)[0].min(dim=1, keepdim=True)[0]
-        above = flat > threshold
-        at = (flat == threshold) & candidate
-        room = capacity - above.sum(dim=1, keepdim=True)
-        keep = (above | (at & (torch.cumsum(at.int(), dim=1) <= room))) & candidate
+        keys = _ordered_keys(flat)
+        threshold = torch.kthvalue(keys, n - capacity + 1, dim=1, keepdim=True)[0]
+        keep = (keys >= threshold) & candidate
     return keep.view(G, T, group_size).permute(1, 0, 2).reshape(T, E)
 
 

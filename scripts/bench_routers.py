@@ -1,0 +1,375 @@
+#!/usr/bin/env python
+"""Benchmark the routing policies on calibrated synthetic workloads (CPU).
+
+For each preset (mixtral, olmoe, deepseek; see ``moebalance.workloads``), batch size T and
+profiled layer, the gate logits are generated once and every policy in
+``moebalance.policies.POLICIES`` routes them with its default parameters. Reported per
+(preset, T, router):
+
+- MV per layer = max_e L_e / mean_e L_e - 1, and I_agg = mean over the layers of max / mean;
+- dropped fraction (top-k assignments removed / T k) and experts per token, means over layers;
+- routing time: the median over ``--repeats`` of the policy function called directly under
+  ``torch.no_grad()`` (no input validation), summed over the layers, also as a multiple of
+  vanilla top-k timed in the same run on the same logits. Repeats are interleaved across the
+  routers so a noisy machine slows all of them alike; the first, validated ``route()`` call of
+  each router is the warm-up. Wall time is the headline; process CPU time (all threads) is
+  recorded beside it because it is less disturbed by other jobs sharing the machine.
+
+``laser_reference`` (the paper's sequential greedy, a Python loop over tokens) is run once at
+T <= 8192 for the balance comparison with the vectorised ``laser``.
+
+Expert parallelism is simulated with EP = 8: T is the number of tokens *per rank*; each of the 8
+ranks routes its own T tokens with its own ``RoutingContext(ep_rank=r, ep_size=8)`` (LASER with
+per-rank loads, capacities from the rank's T, expanded drop adding that rank's local experts),
+and the balance figures are over the summed global expert load (8 T tokens). Times are for one
+rank's call on its T tokens.
+
+Usage:
+    python scripts/bench_routers.py            # T in {1024, 8192, 65536} (make bench)
+    python scripts/bench_routers.py --quick    # T in {1024, 8192}, 2 repeats (make demo)
+Writes ``--out`` (JSON: config, environment, every figure) and the same path with ``.md`` (the
+table printed to stdout). Progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # runs from a checkout even without `pip install -e .`
+
+from moebalance import metrics  # noqa: E402
+from moebalance.config import ConfigError, LaserParams, RoutingContext  # noqa: E402
+from moebalance.policies import POLICIES, get_policy, laser_reference, route  # noqa: E402
+from moebalance.routing import Routing, check_routing  # noqa: E402
+from moebalance.workloads import PRESETS, WorkloadPreset, generate_logits, get_preset  # noqa: E402
+
+FULL_TOKENS = (1024, 8192, 65536)
+QUICK_TOKENS = (1024, 8192)
+FULL_REPEATS = 5
+QUICK_REPEATS = 2
+REFERENCE = "laser_reference"
+REFERENCE_MAX_TOKENS = 8192  # the sequential greedy is a Python loop over tokens
+EP_RANK, EP_SIZE = 0, 8
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--quick", action="store_true", help=f"T in {QUICK_TOKENS}, {QUICK_REPEATS} repeats"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "results" / "routers_cpu.json",
+        help="JSON output; the markdown table goes next to it with suffix .md",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help=f"timed runs per router and layer (default {FULL_REPEATS}, --quick {QUICK_REPEATS})",
+    )
+    parser.add_argument(
+        "--presets",
+        default=",".join(PRESETS),
+        help=f"comma-separated workload presets (default all: {','.join(PRESETS)})",
+    )
+    parser.add_argument(
+        "--tokens",
+        default=None,
+        help="comma-separated batch sizes T (default 1024,8192,65536; --quick 1024,8192)",
+    )
+    parser.add_argument(
+        "--domain", default="c4", help="text domain of the load profiles (c4, github, arxiv)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic logits")
+    args = parser.parse_args(argv)
+    try:
+        names = [name.strip() for name in args.presets.split(",") if name.strip()]
+        args.presets = [get_preset(name).name for name in names]
+        for name in args.presets:
+            PRESETS[name].profile(None, args.domain)
+    except ConfigError as err:
+        parser.error(str(err))
+    if args.tokens is None:
+        args.tokens = list(QUICK_TOKENS if args.quick else FULL_TOKENS)
+    else:
+        try:
+            args.tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
+        except ValueError:
+            parser.error(f"--tokens must be comma-separated integers, got {args.tokens!r}")
+        if not args.tokens or min(args.tokens) < 1:
+            parser.error("--tokens needs at least one batch size >= 1")
+    if args.repeats is None:
+        args.repeats = QUICK_REPEATS if args.quick else FULL_REPEATS
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    return args
+
+
+def _git(*command: str) -> str:
+    return subprocess.run(
+        ["git", *command], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def _load_average() -> list[float] | None:
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def environment() -> dict:
+    """Where the numbers were measured."""
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit, dirty = _git("rev-parse", "HEAD"), bool(_git("status", "--porcelain"))
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = None, None
+    return {
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_model": cpu,
+        "cpu_count": os.cpu_count(),
+        "load_average_at_start": _load_average(),  # other jobs on the machine skew timings
+        "git_commit": commit,
+        "git_dirty": dirty,
+    }
+
+
+def check(routing: Routing, router: str, num_tokens: int, preset: WorkloadPreset) -> None:
+    """The routing contract each router promises (a benchmark of wrong routings is worthless)."""
+    k = preset.topk
+    exact_k = router in ("topk", "laser", "load_only", REFERENCE)
+    check_routing(
+        routing,
+        num_tokens=num_tokens,
+        num_slots=preset.num_experts,
+        capacity=routing.capacity,
+        min_per_token=k if exact_k else None,
+        max_per_token=k if exact_k or router == "token_drop" else None,
+    )
+
+
+def layer_figures(routing: Routing, topk: int) -> dict:
+    load = routing.expert_load()
+    return {
+        "load": load,
+        "max_violation": float(metrics.max_violation(load)),
+        "dropped_fraction": float(metrics.dropped_fraction(routing, topk)),
+        "experts_per_token": float(routing.experts_per_token().double().mean()),
+    }
+
+
+def _ep_routing(fn, shards, gate, params, layer, router, preset) -> Routing:
+    """Route every EP rank's shard with its own rank and stack the decisions (global loads)."""
+    decisions = []
+    for rank, shard in enumerate(shards):
+        ctx = RoutingContext(ep_rank=rank, ep_size=EP_SIZE, layer=layer)
+        routing = fn(shard, gate, params, ctx)
+        check(routing, router, shard.shape[0], preset)
+        decisions.append(routing)
+    return Routing(
+        torch.cat([d.probs for d in decisions]),
+        torch.cat([d.routing_map for d in decisions]),
+        num_dropped=sum(d.num_dropped for d in decisions),
+    )
+
+
+def bench_layer(
+    preset: WorkloadPreset, num_tokens: int, layer: int, args: argparse.Namespace
+) -> dict[str, dict]:
+    """{router: figures and timings} for one layer: T = ``num_tokens`` per EP rank."""
+    gate = preset.gate()
+    all_logits = generate_logits(
+        preset, num_tokens * EP_SIZE, layer, seed=args.seed, domain=args.domain
+    )
+    shards = all_logits.chunk(EP_SIZE)
+    logits, ctx = shards[0], RoutingContext(ep_rank=EP_RANK, ep_size=EP_SIZE, layer=layer)
+    params = {name: get_policy(name).params() for name in POLICIES}
+    out: dict[str, dict] = {}
+    with torch.no_grad():
+        for name in POLICIES:  # validated calls: correctness, figures, and the warm-up
+            validated = lambda x, g, p, c, n=name: route(n, x, g, p, c)  # noqa: E731
+            routing = _ep_routing(validated, shards, gate, params[name], layer, name, preset)
+            out[name] = {**layer_figures(routing, preset.topk), "times": [], "cpu_times": []}
+        for _ in range(args.repeats):
+            for name, policy in POLICIES.items():
+                wall, cpu = time.perf_counter(), time.process_time()
+                policy.fn(logits, gate, params[name], ctx)
+                out[name]["times"].append(time.perf_counter() - wall)
+                out[name]["cpu_times"].append(time.process_time() - cpu)
+        if num_tokens <= REFERENCE_MAX_TOKENS:
+            wall, cpu = time.perf_counter(), time.process_time()
+            laser_reference(logits, gate, LaserParams(), ctx)
+            times = [time.perf_counter() - wall], [time.process_time() - cpu]
+            routing = _ep_routing(laser_reference, shards, gate, LaserParams(), layer, REFERENCE, preset)
+            figures = layer_figures(routing, preset.topk)
+            out[REFERENCE] = {**figures, "times": times[0], "cpu_times": times[1]}
+    return out
+
+
+def summarize(
+    preset: WorkloadPreset, num_tokens: int, per_layer: list[dict[str, dict]]
+) -> list[dict]:
+    """One record per router: per-layer figures and their aggregates over the preset's layers."""
+    def median_ms(rows: list[dict], key: str) -> list[float]:  # per layer
+        return [statistics.median(r[key]) * 1e3 for r in rows]
+
+    topk_ms = sum(median_ms([layer["topk"] for layer in per_layer], "times"))
+    topk_cpu_ms = sum(median_ms([layer["topk"] for layer in per_layer], "cpu_times"))
+    records = []
+    for router in per_layer[0]:
+        rows = [layer[router] for layer in per_layer]
+        time_ms, cpu_ms = median_ms(rows, "times"), median_ms(rows, "cpu_times")
+        loads = torch.stack([r["load"] for r in rows])
+        records.append({
+            "preset": preset.name,
+            "num_tokens": num_tokens,
+            "router": router,
+            "layers": list(preset.layers),
+            "max_violation": [r["max_violation"] for r in rows],
+            "i_agg": float(metrics.aggregated_imbalance(loads)),
+            "dropped_fraction": statistics.fmean(r["dropped_fraction"] for r in rows),
+            "experts_per_token": statistics.fmean(r["experts_per_token"] for r in rows),
+            "time_ms": time_ms,
+            "time_ms_total": sum(time_ms),
+            "time_vs_topk": sum(time_ms) / topk_ms,
+            "cpu_time_ms": cpu_ms,
+            "cpu_time_vs_topk": sum(cpu_ms) / max(topk_cpu_ms, 1e-9),
+            "timed_runs": len(rows[0]["times"]),
+            "expert_load": loads.tolist(),
+        })
+    return records
+
+
+def _per_layer(values: list[float]) -> str:
+    return " / ".join(f"{v:.3f}" for v in values)
+
+
+def markdown(records: list[dict], config: dict, env: dict) -> str:
+    """The results as markdown: one row per (preset, T, router), then LASER vs its reference."""
+    head = [
+        "# Router benchmark (CPU)",
+        "",
+        f"Synthetic logits calibrated to real loads (`moebalance.workloads`, domain "
+        f"{config['domain']}, seed {config['seed']}); median of {config['repeats']} timed repeats; "
+        f"torch {env['torch']}, {env['torch_threads']} threads, {env['cpu_model']}.",
+        "MV per layer = max/mean - 1 (the preset's layers); I_agg = mean over layers of max/mean; "
+        "time = sum over layers of the median routing time, and as a multiple of vanilla top-k "
+        "on the same logits (wall; CPU = process CPU time, all threads). "
+        f"laser_reference (sequential greedy) runs once, T <= {REFERENCE_MAX_TOKENS}. "
+        f"expanded_drop routes one EP rank's tokens (rank {EP_RANK} of {EP_SIZE}). "
+        "deepseek's skew is assumed (OLMoE's profiles).",
+        "",
+        "| preset | T | router | MV per layer | I_agg | dropped | experts/token | time ms "
+        "| × top-k | × top-k (CPU) |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in records:
+        head.append(
+            f"| {r['preset']} | {r['num_tokens']} | {r['router']} | "
+            f"{_per_layer(r['max_violation'])} | {r['i_agg']:.3f} | "
+            f"{100 * r['dropped_fraction']:.2f}% | {r['experts_per_token']:.2f} | "
+            f"{r['time_ms_total']:.1f} | {r['time_vs_topk']:.2f} | {r['cpu_time_vs_topk']:.2f} |"
+        )
+    by_key = {(r["preset"], r["num_tokens"], r["router"]): r for r in records}
+    pairs = [
+        (by_key[(preset, tokens, "laser")], ref)
+        for (preset, tokens, router), ref in by_key.items()
+        if router == REFERENCE
+    ]
+    if pairs:
+        head += [
+            "",
+            "## LASER: vectorised vs sequential reference (balance)",
+            "",
+            "| preset | T | laser MV per layer | reference MV per layer | laser I_agg "
+            "| reference I_agg |",
+            "|---|---:|---|---|---:|---:|",
+        ]
+        for fast, ref in pairs:
+            head.append(
+                f"| {fast['preset']} | {fast['num_tokens']} | "
+                f"{_per_layer(fast['max_violation'])} | {_per_layer(ref['max_violation'])} | "
+                f"{fast['i_agg']:.3f} | {ref['i_agg']:.3f} |"
+            )
+    return "\n".join(head) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    env = environment()
+    config = {
+        "presets": args.presets,
+        "tokens": args.tokens,
+        "repeats": args.repeats,
+        "quick": args.quick,
+        "domain": args.domain,
+        "seed": args.seed,
+        "ep_rank": EP_RANK,
+        "ep_size": EP_SIZE,
+        "reference_max_tokens": REFERENCE_MAX_TOKENS,
+        "routers": {name: dataclasses.asdict(get_policy(name).params()) for name in POLICIES},
+        "reference_params": dataclasses.asdict(LaserParams()),
+        "timing": "median of repeats of policy.fn under torch.no_grad (no validation), "
+        "interleaved across routers, summed over layers; laser_reference timed once",
+        "metrics": "MV = max/mean - 1 per layer; I_agg = mean over layers of max/mean; "
+        "dropped = removed top-k assignments / (T*k); experts/token = mean routed experts",
+    }
+    started = time.perf_counter()
+    records = []
+    for name in args.presets:
+        preset = PRESETS[name]
+        preset_start = time.perf_counter()
+        for num_tokens in args.tokens:
+            per_layer = [bench_layer(preset, num_tokens, layer, args) for layer in preset.layers]
+            records.extend(summarize(preset, num_tokens, per_layer))
+        print(
+            f"[bench_routers] {name}: E={preset.num_experts} k={preset.topk} "
+            f"layers={list(preset.layers)} T={args.tokens} "
+            f"done in {time.perf_counter() - preset_start:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+    env["load_average_at_end"] = _load_average()
+    env["wall_s"] = round(time.perf_counter() - started, 2)
+    report = markdown(records, config, env)
+    print(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    document = {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config": config,
+        "environment": env,
+        "results": records,
+    }
+    args.out.write_text(json.dumps(document, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(report)
+    print(f"[bench_routers] wrote {args.out} and {args.out.with_suffix('.md')} "
+          f"in {env['wall_s']:.1f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
