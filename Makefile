@@ -4,19 +4,24 @@ SHELL := /bin/bash
 PYTHON_VERSION ?= 3.12.1
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell sha1sum requirements.txt | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt constraints.txt | sha1sum | cut -c1-12)
+
+ROUTER ?= laser
+NPROC ?= 2
 
 .PHONY: env demo test bench clean
 
 env: $(STAMP)
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt constraints.txt
 	@bash scripts/make_env.sh "$(VENV)" "$(PYTHON_VERSION)"
 	@touch $@
 
+# The main job: expert-parallel inference (torchrun, gloo on CPU / NCCL on GPU), vanilla vs ROUTER.
 demo: env
-	$(PY) scripts/bench_routers.py --quick
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) scripts/infer.py --router $(ROUTER) --compare
 
+# Router benchmark on calibrated synthetic workloads -> results/routers_cpu.{json,md}
 bench: env
 	$(PY) scripts/bench_routers.py
 

@@ -26,7 +26,13 @@ __all__ = [
     "ModelConfig",
     "model_config_presets",
     "load_model_config",
+    "TRAINED_CHECKPOINT_DIR",
+    "trained_checkpoint",
+    "check_checkpoint_file",
 ]
+
+# The checkpoint trained by scripts/train_tiny.py: the harness's default model.
+TRAINED_CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-moe"
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -229,3 +235,62 @@ def load_model_config(path_or_name: str | Path) -> ModelConfig:
         return ModelConfig(**data)
     except ConfigError as err:
         raise ConfigError(f"model config {path}: {err}") from None
+
+
+def trained_checkpoint() -> tuple[Path, Path]:
+    """(safetensors file, config YAML) of the shipped trained model (``checkpoints/tiny-moe``)."""
+    return TRAINED_CHECKPOINT_DIR / "model.safetensors", TRAINED_CHECKPOINT_DIR / "config.yaml"
+
+
+def check_checkpoint_file(path: str | Path, cfg: ModelConfig) -> None:
+    """Fast check (header only, no Megatron) that ``path`` is a canonical safetensors checkpoint
+    whose shapes fit ``cfg``: embedding, output layer, number of layers, per MoE layer the router
+    and the number and shapes of the experts. Raises ConfigError with a one-line message.
+    ``megatron_patch.model.load_checkpoint`` checks every key when loading."""
+    import re
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path} not found")
+    if path.suffix != ".safetensors":
+        raise ConfigError(f"checkpoint {path}: expected a .safetensors file")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same message
+        raise ConfigError(f"checkpoint {path}: not a readable safetensors file ({err})") from None
+    H, V, E = cfg.hidden_size, cfg.vocab_size, cfg.num_experts
+    F = cfg.expert_ffn_hidden_size * (2 if cfg.activation == "swiglu" else 1)
+    want = {"embedding.word_embeddings.weight": (V, H)}
+    if not cfg.tie_embeddings:
+        want["output_layer.weight"] = (V, H)
+    for layer in cfg.moe_layer_indices:
+        prefix = f"decoder.layers.{layer}.mlp."
+        want[prefix + "router.weight"] = (E, H)
+        for e in range(E):
+            want[f"{prefix}experts.local_experts.{e}.linear_fc1.weight"] = (F, H)
+            want[f"{prefix}experts.local_experts.{e}.linear_fc2.weight"] = (H, cfg.expert_ffn_hidden_size)
+    layers = {int(m.group(1)) for k in shapes if (m := re.match(r"decoder\.layers\.(\d+)\.", k))}
+    if layers and max(layers) + 1 != cfg.num_layers:
+        raise ConfigError(
+            f"checkpoint {path} has {max(layers) + 1} layers, the model config "
+            f"{cfg.name!r} has num_layers={cfg.num_layers}"
+        )
+    experts = {
+        int(m.group(1)) for k in shapes if (m := re.search(r"local_experts\.(\d+)\.", k))
+    }
+    if experts and max(experts) + 1 != E:
+        raise ConfigError(
+            f"checkpoint {path} has {max(experts) + 1} experts per layer, the model config "
+            f"{cfg.name!r} has num_experts={E}"
+        )
+    for key, shape in want.items():
+        if key not in shapes:
+            raise ConfigError(f"checkpoint {path} lacks {key} (model config {cfg.name!r})")
+        if shapes[key] != shape:
+            raise ConfigError(
+                f"checkpoint {path}: {key} has shape {shapes[key]}, the model config "
+                f"{cfg.name!r} expects {shape}"
+            )

@@ -23,5 +23,5 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/python" -m pip install -q --upgrade pip
 echo "installing pinned requirements into $venv (torch is large on first install)"
-"$venv/bin/python" -m pip install -q -r requirements.txt
+"$venv/bin/python" -m pip install -q -r requirements.txt -c constraints.txt
 "$venv/bin/python" -m pip install -q --no-deps -e .

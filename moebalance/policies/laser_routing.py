@@ -169,11 +169,11 @@ def _assign_chunk(
     flat_ids = ids.reshape(-1)
     for r in range(rounds):
         wanted = valid & ~chosen & (need.unsqueeze(1) > 0)
-        reach = torch.zeros(E, dtype=torch.int32, device=dev).scatter_add_(
-            0, flat_ids, wanted.reshape(-1).int()
-        ) > 0
         limit = start + quota_total
         if r > 0:  # later rounds may go up to the chunk's own water level
+            reach = torch.zeros(E, dtype=torch.int32, device=dev).scatter_add_(
+                0, flat_ids, wanted.reshape(-1).int()
+            ) > 0
             limit = torch.maximum(limit, water_level(load, need.sum().float(), reach))
         open_ = wanted & (load < limit)[ids]
         per_token = need.unsqueeze(1) / open_.sum(dim=1, keepdim=True).clamp(min=1)
