@@ -39,6 +39,13 @@ def _require(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _check_capacity_factor(value: Any) -> None:
+    _require(
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0,
+        f"capacity_factor (gamma) must be a finite number > 0, got {value!r}",
+    )
+
+
 @dataclass(frozen=True)
 class GateConfig:
     """How gate logits become scores, choices and combine weights.
@@ -237,12 +244,7 @@ class TokenDropParams:
     renormalize: bool = False
 
     def __post_init__(self) -> None:
-        _require(
-            isinstance(self.capacity_factor, (int, float))
-            and math.isfinite(self.capacity_factor)
-            and self.capacity_factor > 0,
-            f"capacity_factor (gamma) must be a finite number > 0, got {self.capacity_factor!r}",
-        )
+        _check_capacity_factor(self.capacity_factor)
         _require(
             self.drop_policy in DROP_POLICIES,
             f"drop_policy must be one of {DROP_POLICIES}, got {self.drop_policy!r}",
@@ -278,12 +280,7 @@ class ExpandedDropParams:
     renormalize: bool = True
 
     def __post_init__(self) -> None:
-        _require(
-            isinstance(self.capacity_factor, (int, float))
-            and math.isfinite(self.capacity_factor)
-            and self.capacity_factor > 0,
-            f"capacity_factor (gamma) must be a finite number > 0, got {self.capacity_factor!r}",
-        )
+        _check_capacity_factor(self.capacity_factor)
         _require(
             self.max_experts_per_token is None
             or (isinstance(self.max_experts_per_token, int) and self.max_experts_per_token >= 1),
