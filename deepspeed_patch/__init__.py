@@ -11,6 +11,11 @@ Typical use::
     moe = deepspeed.moe.layer.MoE(hidden, expert, num_experts=8, ep_size=2, k=2)
     install_gate(moe, "laser", load_scope="global")  # before or after loading the checkpoint
     setup_expert_parallel(model)                     # init_inference does not
+
+``deepspeed_patch.model`` builds the Megatron GPT-MoE of ``megatron_patch.model`` with DeepSpeed
+``MoE`` layers and loads its weights; ``deepspeed_patch.instrument`` records its MoE layers into
+``moebalance.telemetry``; ``deepspeed_patch.harness`` is what ``scripts/infer.py --framework
+deepspeed`` calls.
 """
 
 from .gate import (

@@ -15,8 +15,12 @@ layer on this rank:
 Each timed phase is also an NVTX range ``moe/<phase> layer=<l>`` (``torch.cuda.nvtx`` with CUDA,
 the ``nvtx`` package otherwise, a no-op without either) so an Nsight Systems capture shows the
 straggler directly. Timing uses CUDA events on GPU (resolved once per step, in ``end_step``, so
-the hot path never synchronises) and ``time.perf_counter`` on CPU, where ops and gloo
-collectives are synchronous and wall time is the time spent.
+the hot path never synchronises). On CPU, where ops and gloo collectives are synchronous, the
+communication phases (``dispatch``, ``combine``) are wall time (``time.perf_counter``: they
+include the wait for other ranks), and the compute phases (``router``, ``experts``) are the
+process's CPU time (``time.process_time``): the work done, unaffected by another process taking
+the core on a shared machine; on a dedicated core with one thread per rank (torchrun's default
+OMP_NUM_THREADS=1) the two agree.
 
 Steps begun with ``warmup=True`` are recorded but left out of ``records()`` and of the
 statistics unless asked for.
@@ -59,6 +63,8 @@ __all__ = [
 
 PHASES = ("prefill", "decode")
 RANGES = ("router", "dispatch", "experts", "combine")
+#: Phases timed in process CPU time on CPU (compute); the others are wall time (they wait).
+CPU_TIMED_RANGES = ("router", "experts")
 _NVTX_PREFIX = "moe/"
 
 
@@ -236,9 +242,10 @@ class MoERecorder:
                 end.record()
                 self._pending_events.append((row, f"{name}_ms", start, end))
             else:
-                t0 = time.perf_counter()
+                clock = time.process_time if name in CPU_TIMED_RANGES else time.perf_counter
+                t0 = clock()
                 yield
-                elapsed_ms = (time.perf_counter() - t0) * 1e3
+                elapsed_ms = (clock() - t0) * 1e3
                 setattr(row, f"{name}_ms", getattr(row, f"{name}_ms") + elapsed_ms)
         finally:
             self._pop()

@@ -4,6 +4,13 @@ straggler time and latency.
 
     torchrun --nproc-per-node 2 scripts/infer.py --router laser --compare
     torchrun --nproc-per-node 4 scripts/infer.py --router token_drop --uneven --dispatcher allgather
+    torchrun --nproc-per-node 2 scripts/infer.py --framework deepspeed --router laser --compare
+
+``--framework deepspeed`` serves the same model (same config, same weights: the Megatron
+model's initialisation and skew, or the same checkpoint, converted by ``deepspeed_patch.model``)
+with DeepSpeed ``MoE`` layers and DeepSpeed's accelerator backend, through the same loop,
+telemetry, table and JSON (``config.framework``); DeepSpeed has one dispatcher (an all-to-all of
+the padded [E, C, M] buffer, C agreed across the EP group).
 
 Each rank serves its own batch of prompts (as under data-parallel serving) while the experts of
 every MoE layer are spread over the EP group (EP = world size by default; expert e on EP rank
@@ -30,6 +37,16 @@ tokens per second over all ranks, peak memory (RSS on CPU, CUDA allocator peak o
 ``end_to_end``, ``per_rank`` (latencies, peak memory, generated tokens) and ``records`` (one
 ``LayerStep`` per rank, step and MoE layer). With ``--ep`` below the world size there are
 several EP groups; each (group, step, layer) is one sample of the statistics.
+
+Model: by default the small MoE trained by ``scripts/train_tiny.py`` (``checkpoints/tiny-moe``,
+real learned routing), served prompts cut from the held-out text of its corpus
+(``moebalance.corpus``). ``--checkpoint PATH`` serves your own safetensors checkpoint (config from
+``--config``, or a ``config.yaml`` beside it); ``--skew`` or ``--config`` alone give a randomly
+initialised model with random prompt ids. Quality (with a byte-level checkpoint): after
+each router's generation, every rank runs its own ``--eval-seqs`` held-out sequences per domain
+teacher-forced through the EP model (same number of forward calls on every rank) with that
+router active; perplexity and next-token accuracy per domain, summed over ranks, go into the
+table and into ``quality`` of each run in the JSON.
 
 Bad options exit with a one-line error and code 2 before any process group starts. A rank that
 fails prints its traceback and exits 1; torchrun then stops the others, and any rank still
@@ -67,8 +84,10 @@ from moebalance.model_config import (  # noqa: E402
     DISPATCHERS,
     SKEWS,
     ModelConfig,
+    check_checkpoint_file,
     load_model_config,
     model_config_presets,
+    trained_checkpoint,
 )
 from moebalance.policies import POLICIES, make_params  # noqa: E402
 from moebalance.telemetry import MoERecorder, gather_to_rank0, summarize  # noqa: E402
@@ -76,6 +95,7 @@ from moebalance.telemetry import MoERecorder, gather_to_rank0, summarize  # noqa
 # Megatron (several seconds to import) is imported in main(), after the options are validated.
 
 PROG = "infer.py"
+FRAMEWORKS = ("megatron", "deepspeed")
 VANILLA = "topk"
 
 
@@ -131,14 +151,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--load-scope", default="local", choices=LOAD_SCOPES,
         help="LASER loads: per rank, or EP-global counts via an all-reduce (default: %(default)s)",
     )
-    add("--config", default="tiny", help="model preset or YAML path (default: %(default)s)")
+    add(
+        "--config", default=None,
+        help="model preset or YAML path (default: the trained tiny-moe checkpoint's config, or "
+        "with --skew the randomly initialised preset 'tiny'; with --checkpoint, a config.yaml "
+        "beside it if there is one)",
+    )
     add("--skew", default=None, help="override the config's skew: " + ", ".join(SKEWS))
     add(
         "--checkpoint", default=None,
-        help="safetensors checkpoint with canonical Megatron keys (the config's skew is ignored)",
+        help="safetensors checkpoint with canonical Megatron keys (the config's skew is ignored; "
+        "default: checkpoints/tiny-moe when neither --config nor --skew is given)",
     )
+    add(
+        "--eval-seqs", type=int, default=8,
+        help="held-out sequences per domain and rank for perplexity / accuracy (0 = none; "
+        "default: %(default)s)",
+    )
+    add("--eval-len", type=int, default=128, help="tokens per held-out sequence (%(default)s)")
     add("--ep", type=int, default=None, help="expert-parallel size (default: world size)")
     add("--dispatcher", default="alltoall", help="token dispatcher: " + ", ".join(DISPATCHERS))
+    add(
+        "--framework", default="megatron", choices=FRAMEWORKS,
+        help="Megatron-Core GPTModel, or the same model with DeepSpeed MoE layers "
+        "(deepspeed_patch.model; alltoall only) (default: %(default)s)",
+    )
     add("--batch", type=int, default=8, help="prompts per rank (default: %(default)s)")
     add("--prompt-len", type=int, default=64, help="prompt tokens (default: %(default)s)")
     add(
@@ -162,6 +199,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--compare runs {VANILLA} beside another router; pick one with --router")
     if args.dispatcher not in DISPATCHERS:
         parser.error(f"--dispatcher must be one of {DISPATCHERS}, got {args.dispatcher!r}")
+    if args.framework == "deepspeed" and args.dispatcher != "alltoall":
+        parser.error("--framework deepspeed has one dispatcher: alltoall (padded [E, C, M] buffer)")
     if args.skew is not None and args.skew not in SKEWS:
         parser.error(f"--skew must be one of {SKEWS}, got {args.skew!r}")
     for name in ("batch", "prompt_len", "gen_len"):
@@ -171,19 +210,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
     if not (math.isfinite(args.timeout) and args.timeout > 0):
         parser.error(f"--timeout must be a number of seconds > 0, got {args.timeout}")
+    for name in ("eval_seqs", "eval_len"):
+        if getattr(args, name) < 0 or (name == "eval_len" and args.eval_len < 1):
+            parser.error(f"--{name.replace('_', '-')} must be >= {int(name == 'eval_len')}")
     try:
+        if args.config is None and args.checkpoint is None and args.skew is None:
+            # The default model: trained by scripts/train_tiny.py, real learned routing.
+            checkpoint, config = trained_checkpoint()
+            args.checkpoint, args.config = str(checkpoint), str(config)
+        elif args.config is None:
+            beside = Path(args.checkpoint).parent / "config.yaml" if args.checkpoint else None
+            args.config = str(beside) if beside is not None and beside.is_file() else "tiny"
         model = load_model_config(args.config)
         if args.skew is not None:
             model = model.replace(skew=args.skew)
         if args.checkpoint is not None:
-            if not Path(args.checkpoint).is_file():
-                raise ConfigError(f"checkpoint {args.checkpoint} not found")
             if model.skew != "none":
                 model = model.replace(skew="none")  # a trained model routes as it was trained
+            check_checkpoint_file(args.checkpoint, model)
         args.params = make_params(args.router, _parse_router_args(args.router_args, parser))
         check_load_scope(args.load_scope, args.router)
     except ConfigError as err:
         parser.error(str(err).replace("\n", " "))
+    if args.eval_seqs and args.eval_len > model.max_sequence_length:
+        parser.error(f"--eval-len exceeds the model's max_sequence_length {model.max_sequence_length}")
     if args.prompt_len + args.gen_len > model.max_sequence_length:
         parser.error(
             f"--prompt-len + --gen-len = {args.prompt_len + args.gen_len} exceeds the model's "
@@ -202,7 +252,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 f"{local_world} ranks per node but {torch.cuda.device_count()} GPU(s): NCCL needs "
                 "one GPU per rank"
             )
-    out = Path(args.out) if args.out else ROOT / "results" / f"infer_{args.router}_ep{ep}.json"
+    prefix = "infer_" if args.framework == "megatron" else f"infer_{args.framework}_"
+    out = Path(args.out) if args.out else ROOT / "results" / f"{prefix}{args.router}_ep{ep}.json"
     if out.is_dir():
         parser.error(f"--out {out} is a directory; give a file path")
     args.model, args.world_size, args.ep, args.out = model, world, ep, out
@@ -214,16 +265,76 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def make_prompts(args: argparse.Namespace, rank: int) -> list[torch.Tensor]:
-    """This rank's ``--batch`` prompts: random token ids, seeded by (--seed, global rank), so
-    every rank serves different data. With ``--uneven`` lengths vary per prompt and per rank
-    in (prompt_len / 2, prompt_len]."""
+    """This rank's ``--batch`` prompts, seeded by (--seed, global rank), so every rank serves
+    different data. A checkpoint (a trained byte-level model) gets real text: windows of the
+    held-out corpus (``moebalance.corpus``), domains taking turns, so routing is the model's
+    real routing; a randomly initialised model gets random token ids. With ``--uneven``
+    lengths vary per prompt and per rank in (prompt_len / 2, prompt_len]."""
     gen = torch.Generator().manual_seed(args.seed * 1_000_003 + rank)
     spread = max(1, args.prompt_len // 2)
+    corpus = heldout_corpus(args)
     prompts = []
     for b in range(args.batch):
         length = args.prompt_len - ((7 * rank + 3 * b) % spread if args.uneven else 0)
-        prompts.append(torch.randint(0, args.model.vocab_size, (length,), generator=gen))
+        if corpus is None:
+            prompts.append(torch.randint(0, args.model.vocab_size, (length,), generator=gen))
+            continue
+        text = corpus.heldout[corpus.domains[(rank + b) % len(corpus.domains)]]
+        start = int(torch.randint(0, text.numel() - length, (1,), generator=gen))
+        prompts.append(text[start : start + length].long())
     return prompts
+
+
+def heldout_corpus(args: argparse.Namespace):
+    """The default corpus (``moebalance.corpus``) when the model is a trained byte-level
+    checkpoint, else None."""
+    from moebalance.corpus import VOCAB_SIZE, default_corpus
+
+    if args.checkpoint is None or args.model.vocab_size != VOCAB_SIZE:
+        return None
+    if "default" not in _CORPUS:
+        _CORPUS["default"] = default_corpus()
+    return _CORPUS["default"]
+
+
+_CORPUS: dict = {}  # read once per process
+
+
+def quality_sequences(args: argparse.Namespace, rank: int, world: int) -> dict[str, torch.Tensor]:
+    """{domain: [--eval-seqs, --eval-len + 1]} held-out sequences for this rank: the domain's
+    ``eval_seqs * world`` evenly spaced windows, rank r taking every world-th from r (same count
+    on every rank: lockstep). Empty without a trained byte-level model or with --eval-seqs 0."""
+    from moebalance.corpus import heldout_sequences
+
+    corpus = heldout_corpus(args)
+    if corpus is None or args.eval_seqs == 0:
+        return {}
+    return {
+        d: heldout_sequences(corpus, d, args.eval_seqs * world, args.eval_len)[rank::world]
+        for d in corpus.domains
+    }
+
+
+def quality(model, sequences: dict[str, torch.Tensor], device: torch.device) -> dict:
+    """Held-out perplexity and next-token accuracy per domain and overall, summed over all ranks
+    (collective: every rank calls it with the same number of sequences)."""
+    import torch.distributed as dist
+
+    from megatron_patch.quality import evaluate, quality_from_sums
+
+    out = {}
+    total = {"nll": 0.0, "correct": 0, "tokens": 0}
+    for domain, seqs in sorted(sequences.items()):
+        sums = evaluate(model, seqs)
+        vec = torch.tensor([sums["nll"], sums["correct"], sums["tokens"]], dtype=torch.float64)
+        vec = vec.to(device)
+        dist.all_reduce(vec)
+        sums = {"nll": float(vec[0]), "correct": int(vec[1]), "tokens": int(vec[2])}
+        out[domain] = quality_from_sums(sums)
+        total = {k: total[k] + sums[k] for k in total}
+    if out:
+        out["all"] = quality_from_sums(total)
+    return out
 
 
 def lockstep_batch(
@@ -287,13 +398,25 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 @torch.no_grad()
-def generate(model, ids, pad, gen_len: int, recorder: MoERecorder, *, warmup: bool) -> dict:
+def framework_api(name: str):
+    """The framework's harness module (``megatron_patch.harness`` or ``deepspeed_patch.harness``):
+    ``init_distributed``, ``build_model``, ``instrument``, ``swap_router``, ``set_decode``,
+    ``InferenceContext``, ``destroy_distributed``, the same names and contracts in both."""
+    if name == "deepspeed":
+        from deepspeed_patch import harness
+    else:
+        from megatron_patch import harness
+    return harness
+
+
+def generate(
+    model, ids, pad, gen_len: int, recorder: MoERecorder, *, warmup: bool, framework="megatron"
+) -> dict:
     """One greedy generation: a prefill of ``ids`` [B, S] (``pad`` True = padding), then
     ``gen_len - 1`` single-token decode steps on the static KV cache. Every step is one
     recorder step. Returns the generated tokens [B, gen_len] and wall times (ms)."""
-    from megatron.core.inference.contexts import StaticInferenceContext
-
-    from megatron_patch import set_decode
+    api = framework_api(framework)
+    StaticInferenceContext, set_decode = api.InferenceContext, api.set_decode
 
     device = ids.device
     B, S = ids.shape
@@ -342,10 +465,12 @@ def run_router(model, ids, pad, args, recorder: MoERecorder, device: torch.devic
     """``--warmup`` unmeasured generations, then one measured one. Returns this rank's end-to-end
     figures, generated tokens and telemetry records (warm-up left out)."""
     for _ in range(args.warmup):
-        generate(model, ids, pad, args.gen_len, recorder, warmup=True)
+        generate(model, ids, pad, args.gen_len, recorder, warmup=True, framework=args.framework)
     recorder.clear()  # the measured generation's steps are numbered from 0
     reset_peak_memory(device)
-    result = generate(model, ids, pad, args.gen_len, recorder, warmup=False)
+    result = generate(
+        model, ids, pad, args.gen_len, recorder, warmup=False, framework=args.framework
+    )
     B = ids.shape[0]
     decode_steps = args.gen_len - 1
     return {
@@ -460,6 +585,24 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def quality_table(runs: list[dict]) -> str:
+    """Held-out perplexity and next-token accuracy per router and domain (teacher-forced, every
+    rank's sequences), with the perplexity change against the first run (vanilla under
+    --compare)."""
+    domains = [d for d in runs[0]["quality"] if d != "all"] + ["all"]
+    lines = [f"{'router':<14}{'domain':<10}{'perplexity':>11}{'vs first':>10}{'accuracy':>10}"]
+    base = runs[0]["quality"]
+    for run in runs:
+        for i, domain in enumerate(domains):
+            q = run["quality"][domain]
+            change = 100 * (q["perplexity"] / base[domain]["perplexity"] - 1)
+            lines.append(
+                f"{run['router'] if i == 0 else '':<14}{domain:<10}{q['perplexity']:11.3f}"
+                f"{change:+9.2f}%{100 * q['accuracy']:9.2f}%"
+            )
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -479,16 +622,14 @@ def main(argv: list[str] | None = None) -> int:
     for pattern in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
 
-    from megatron_patch import make_router_class, swap_routers
-    from megatron_patch.instrument import instrument
-    from megatron_patch.model import build_model, destroy_distributed, init_distributed
-
-    setup = init_distributed(args.ep, args.timeout)
+    api = framework_api(args.framework)
+    setup = api.init_distributed(args.ep, args.timeout)
     rank0 = setup.rank == 0
     if rank0:
         print(
             f"{PROG}: {cfg.name} ({cfg.num_experts} experts, top-{cfg.topk}, "
-            f"{len(cfg.moe_layer_indices)} MoE layers, skew {cfg.skew}), world {setup.world_size}, "
+            f"{len(cfg.moe_layer_indices)} MoE layers, skew {cfg.skew}), {args.framework}, "
+            f"world {setup.world_size}, "
             f"EP {setup.ep_size}, {setup.backend} on {setup.device.type}, {args.dispatcher}, "
             f"routers {' then '.join(args.routers)}",
             file=sys.stderr,
@@ -496,9 +637,9 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     params_of = {VANILLA: None, args.router: args.params}
-    model = build_model(
+    model = api.build_model(
         cfg,
-        ep_size=setup.ep_size,
+        setup,
         router=args.routers[0],
         router_params=params_of[args.routers[0]],
         load_scope=args.load_scope if args.routers[0] == args.router else "local",
@@ -512,15 +653,17 @@ def main(argv: list[str] | None = None) -> int:
         ep_group=setup.ep_group,
         nvtx_ranges=not args.no_nvtx,
     )
-    instrument(model, recorder)
+    api.instrument(model, recorder)
     ids, pad = lockstep_batch(make_prompts(args, setup.rank), setup.device)
+    eval_sequences = quality_sequences(args, setup.rank, setup.world_size)
 
     runs = []
     for i, router in enumerate(args.routers):
         if i > 0:  # same model, same prompts: only the routing decision changes
-            router_cls = make_router_class(router, params_of[router], load_scope=args.load_scope)
-            swap_routers(model, router_cls)
+            api.swap_router(model, router, params_of[router], args.load_scope)
         local = run_router(model, ids, pad, args, recorder, setup.device)
+        # Teacher-forced held-out quality with this router active (not recorded: no step open).
+        held_out = quality(model, eval_sequences, setup.device)
         per_rank = gather_to_rank0(local)
         if rank0:
             records = [rec for r in per_rank for rec in r["records"]]
@@ -532,6 +675,7 @@ def main(argv: list[str] | None = None) -> int:
                     "load_scope": args.load_scope if router == args.router else "local",
                     "summary": summarize(records, cfg.topk),
                     "end_to_end": end_to_end(per_rank),
+                    "quality": held_out,
                     "per_rank": [{k: v for k, v in r.items() if k != "records"} for r in per_rank],
                     "records": records,
                 }
@@ -539,10 +683,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if rank0:
         text = table(runs)
+        if any(run["quality"] for run in runs):
+            text += "\n\n" + quality_table(runs)
         print(text, flush=True)
         report = {
             "command": [PROG, *(sys.argv[1:] if argv is None else argv)],
             "config": {
+                "framework": args.framework,
                 "model": dataclasses.asdict(cfg),
                 "run": {
                     k: (str(v) if isinstance(v, Path) else v)
@@ -558,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1, default=str) + "\n")
         print(f"{PROG}: wrote {args.out}", file=sys.stderr, flush=True)
-    destroy_distributed()
+    api.destroy_distributed()
     return 0
 
 
