@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt constraints.txt | sha1sum | cut -c1-12)
 
-ROUTER ?= laser
+ROUTER ?= expanded_drop
 NPROC ?= 2
 
 .PHONY: env demo test bench clean

@@ -61,6 +61,12 @@ def router_grid(topk: int) -> list[tuple[str, str, dict]]:
     for eps in (0.5, 0.7):
         grid.append((f"laser c={topk + 1} eps_high={eps}", "laser",
                      {"pool_size": topk + 1, "eps_high": eps}))
+    # ... and a score floor keeps candidates close to the token's best expert
+    for ratio in (0.25, 0.5):
+        grid.append((f"laser c={2 * topk} min_score_ratio={ratio}", "laser",
+                     {"pool_size": 2 * topk, "min_score_ratio": ratio}))
+    grid.append((f"laser c={2 * topk} eps_high=0.5 min_score_ratio=0.5", "laser",
+                 {"pool_size": 2 * topk, "eps_high": 0.5, "min_score_ratio": 0.5}))
     return grid
 
 

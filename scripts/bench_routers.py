@@ -273,6 +273,7 @@ def markdown(records: list[dict], config: dict, env: dict) -> str:
     head = [
         "# Router benchmark (CPU)",
         "",
+        f"`{config.get('command', 'python scripts/bench_routers.py')}`. "
         f"Synthetic logits calibrated to real loads (`moebalance.workloads`, domain "
         f"{config['domain']}, seed {config['seed']}); median of {config['repeats']} timed repeats; "
         f"torch {env['torch']}, {env['torch_threads']} threads, {env['cpu_model']}.",
@@ -280,7 +281,9 @@ def markdown(records: list[dict], config: dict, env: dict) -> str:
         "time = sum over layers of the median routing time, and as a multiple of vanilla top-k "
         "on the same logits (wall; CPU = process CPU time, all threads). "
         f"laser_reference (sequential greedy) runs once, T <= {REFERENCE_MAX_TOKENS}. "
-        f"expanded_drop routes one EP rank's tokens (rank {EP_RANK} of {EP_SIZE}). "
+        f"T = tokens per rank; EP = {EP_SIZE} simulated: each rank routes its own T tokens with "
+        "its own rank (capacities from its T, LASER with per-rank loads, expanded drop adding its "
+        "local experts) and balance is over the summed global load; times are one rank's call. "
         "deepseek's skew is assumed (OLMoE's profiles).",
         "",
         "| preset | T | router | MV per layer | I_agg | dropped | experts/token | time ms "
@@ -322,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     env = environment()
     config = {
+        "command": " ".join(["python scripts/bench_routers.py", *(sys.argv[1:] if argv is None else argv)]),
         "presets": args.presets,
         "tokens": args.tokens,
         "repeats": args.repeats,
