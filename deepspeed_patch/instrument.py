@@ -22,29 +22,14 @@ top-k routes from the gate's ``last_routing``.
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
-from moebalance.telemetry import MoERecorder
+from moebalance.telemetry import Instrumentation, MoERecorder, shadow_method
 
 __all__ = ["Instrumentation", "instrument"]
-
-
-@dataclass
-class Instrumentation:
-    """Handle returned by ``instrument``: ``remove()`` restores every wrapped method."""
-
-    recorder: MoERecorder
-    layers: list[int] = field(default_factory=list)
-    _restore: list[Callable[[], None]] = field(default_factory=list)
-
-    def remove(self) -> None:
-        while self._restore:
-            self._restore.pop()()
 
 
 class _Chain:
@@ -63,21 +48,6 @@ class _Chain:
         if self.open is not None:
             ctx, self.open = self.open, None
             ctx.__exit__(None, None, None)
-
-
-def _shadow(obj: Any, name: str, factory: Callable[[Callable], Callable], undo: list) -> None:
-    """Set ``obj.<name>`` (an instance attribute) to ``factory(original bound method)``."""
-    original = getattr(obj, name)
-    had_own = name in vars(obj)
-    object.__setattr__(obj, name, functools.wraps(original)(factory(original)))
-
-    def restore() -> None:
-        if had_own:
-            object.__setattr__(obj, name, original)
-        else:
-            delattr(obj, name)
-
-    undo.append(restore)
 
 
 def _received_per_local_expert(moe_layer, exp_counts: torch.Tensor) -> torch.Tensor:
@@ -152,8 +122,8 @@ def instrument(model: torch.nn.Module, recorder: MoERecorder) -> Instrumentation
 
             return forward
 
-        _shadow(moe_layer, "forward", layer_factory, handle._restore)
-        _shadow(moe_layer.experts, "forward", experts_factory, handle._restore)
+        shadow_method(moe_layer, "forward", layer_factory, handle._restore)
+        shadow_method(moe_layer.experts, "forward", experts_factory, handle._restore)
     if not handle.layers:
         raise ValueError(f"no DeepSpeed MoE layer found in {type(model).__name__}")
     return handle

@@ -19,54 +19,20 @@ combine -> postprocess):
   expert work waits here for the slowest one.
 Shared experts, the latent projections and ``postprocess`` are outside the four ranges.
 
-On CPU the gloo collectives are synchronous, so wall time per range is the time spent; on GPU
-the recorder times with CUDA events on the current stream.
+On CPU the gloo collectives are synchronous: communication ranges are wall time, compute ranges
+process CPU time (see ``moebalance.telemetry``); on GPU the recorder times with CUDA events on
+the current stream.
 """
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass, field
-from typing import Any, Callable
-
 import torch
 
-from moebalance.telemetry import MoERecorder
+from moebalance.telemetry import Instrumentation, MoERecorder, shadow_method
 
 from .inject import moe_layers
 
 __all__ = ["Instrumentation", "instrument"]
-
-
-@dataclass
-class Instrumentation:
-    """Handle returned by ``instrument``: ``remove()`` restores every wrapped method."""
-
-    recorder: MoERecorder
-    layers: list[int] = field(default_factory=list)
-    _restore: list[Callable[[], None]] = field(default_factory=list)
-
-    def remove(self) -> None:
-        while self._restore:
-            self._restore.pop()()
-
-
-def _shadow(
-    obj: Any, name: str, wrapper_factory: Callable[[Callable], Callable], undo: list
-) -> None:
-    """Set ``obj.<name>`` (an instance attribute) to ``wrapper_factory(original bound method)``."""
-    original = getattr(obj, name)
-    had_own = name in vars(obj)
-    wrapped = functools.wraps(original)(wrapper_factory(original))
-    object.__setattr__(obj, name, wrapped)
-
-    def restore() -> None:
-        if had_own:
-            object.__setattr__(obj, name, original)
-        else:
-            delattr(obj, name)
-
-    undo.append(restore)
 
 
 def _timed(recorder: MoERecorder, range_name: str, layer: int):
@@ -113,12 +79,12 @@ def instrument(model: torch.nn.Module, recorder: MoERecorder) -> Instrumentation
 
             return forward
 
-        _shadow(moe, "route", route_factory, handle._restore)
-        _shadow(moe, "preprocess", _timed(recorder, "dispatch", layer), handle._restore)
-        _shadow(moe, "dispatch", _timed(recorder, "dispatch", layer), handle._restore)
-        _shadow(moe, "routed_experts_compute", _timed(recorder, "experts", layer), handle._restore)
-        _shadow(moe, "combine", _timed(recorder, "combine", layer), handle._restore)
-        _shadow(moe.experts, "forward", experts_forward_factory, handle._restore)
+        shadow_method(moe, "route", route_factory, handle._restore)
+        shadow_method(moe, "preprocess", _timed(recorder, "dispatch", layer), handle._restore)
+        shadow_method(moe, "dispatch", _timed(recorder, "dispatch", layer), handle._restore)
+        shadow_method(moe, "routed_experts_compute", _timed(recorder, "experts", layer), handle._restore)
+        shadow_method(moe, "combine", _timed(recorder, "combine", layer), handle._restore)
+        shadow_method(moe.experts, "forward", experts_forward_factory, handle._restore)
     if not handle.layers:
         raise ValueError(f"no MoELayer found in {type(model).__name__}")
     return handle

@@ -38,10 +38,11 @@ statistics, as numpy's default).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -420,3 +421,37 @@ def summarize(records: Sequence[dict], topk: int) -> dict[str, Any]:
         layer: _summary_of([s for s in samples if s["layer"] == layer], topk) for layer in layers
     }
     return out
+
+
+# ----------------------------------------------------------------------------- instrumentation
+@dataclass
+class Instrumentation:
+    """Handle returned by the adapters' ``instrument``: ``remove()`` restores every wrapped
+    method."""
+
+    recorder: "MoERecorder"
+    layers: list[int] = field(default_factory=list)
+    _restore: list[Callable[[], None]] = field(default_factory=list)
+
+    def remove(self) -> None:
+        while self._restore:
+            self._restore.pop()()
+
+
+def shadow_method(
+    obj: Any, name: str, wrapper_factory: Callable[[Callable], Callable], undo: list
+) -> None:
+    """Set ``obj.<name>`` (an instance attribute) to ``wrapper_factory(original bound method)``
+    and append to ``undo`` a function that puts the original back (framework code unforked)."""
+    original = getattr(obj, name)
+    had_own = name in vars(obj)
+    wrapped = functools.wraps(original)(wrapper_factory(original))
+    object.__setattr__(obj, name, wrapped)
+
+    def restore() -> None:
+        if had_own:
+            object.__setattr__(obj, name, original)
+        else:
+            delattr(obj, name)
+
+    undo.append(restore)
