@@ -12,9 +12,9 @@ import math
 import torch
 
 from ..config import ExpandedDropParams, GateConfig, RoutingContext, TokenDropParams
-from ..routing import Routing
-from .gate import score_distribution
-from .topk_routing import topk
+from ..routing import Routing, routing_from_indices
+from .gate import gate_weights, score_distribution
+from .topk_routing import topk_indices
 
 __all__ = ["expert_capacity", "keep_top_per_group", "token_drop", "expanded_drop"]
 
@@ -24,54 +24,75 @@ def expert_capacity(num_tokens: int, gate: GateConfig, capacity_factor: float) -
     return math.ceil(capacity_factor * num_tokens * gate.topk / gate.num_experts)
 
 
-def _ordered_keys(priority: torch.Tensor) -> torch.Tensor:
-    """[G, N] float -> [G, N] int64 keys in the same order, all distinct: the float's bits made
-    monotone in the high 32 bits, ties broken by position (earlier entries rank higher)."""
-    bits = priority.float().contiguous().view(torch.int32).to(torch.int64)
-    monotone = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    n = priority.shape[-1]
-    position = torch.arange(n - 1, -1, -1, device=priority.device, dtype=torch.int64)
-    return monotone * (1 << 32) + position
+_TOKEN_BITS = 21  # token index field of the sort key: up to 2**21 tokens per call
+_PRIORITY_BITS = 32
+_GROUP_SHIFT = _TOKEN_BITS + _PRIORITY_BITS  # 53: up to 2**10 - 1 groups in an int64
 
 
-def keep_top_per_group(priority: torch.Tensor, group_size: int, capacity: int) -> torch.Tensor:
-    """[T, E] bool: in each group of ``group_size`` adjacent expert columns, the ``capacity``
-    (token, expert) entries of highest ``priority`` among the finite ones.
+def _descending_u32(priority: torch.Tensor) -> torch.Tensor:
+    """float32 -> int64 in [0, 2**32), smaller for larger values (IEEE bits made monotone)."""
+    bits = priority.float().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    ascending = torch.where(bits >= 0x80000000, 0xFFFFFFFF - bits, bits | 0x80000000)
+    return 0xFFFFFFFF - ascending
 
-    priority: [T, E] float, -inf where the pair is not a candidate. Ties go to the earlier token,
-    so no group ever keeps more than ``capacity`` entries. One ``kthvalue`` per group on distinct
-    integer keys: no sort, no host synchronisation.
+
+def keep_top_per_group(
+    expert_idx: torch.Tensor, priority: torch.Tensor, group_size: int, capacity: int, num_experts: int
+) -> torch.Tensor:
+    """[T, m] bool: which candidate (token, expert) pairs to keep so that each group of
+    ``group_size`` adjacent experts keeps its ``capacity`` pairs of highest ``priority``.
+
+    expert_idx: [T, m] int64 candidate experts per token; priority: [T, m] float, -inf where the
+    slot holds no candidate. Ties go to the earlier token, so no group keeps more than
+    ``capacity`` pairs. One sort of the T * m candidates (group, priority, token) and a rank
+    within each group: no dense [T, E] pass, no host synchronisation.
     """
-    T, E = priority.shape
-    G = E // group_size
-    flat = priority.view(T, G, group_size).permute(1, 0, 2).reshape(G, T * group_size)
-    candidate = torch.isfinite(flat)
-    n = T * group_size
-    if capacity >= n:
-        keep = candidate
-    elif capacity == 0:
-        keep = torch.zeros_like(candidate)
-    else:
-        keys = _ordered_keys(flat)
-        threshold = torch.kthvalue(keys, n - capacity + 1, dim=1, keepdim=True)[0]
-        keep = (keys >= threshold) & candidate
-    return keep.view(G, T, group_size).permute(1, 0, 2).reshape(T, E)
+    T, m = expert_idx.shape
+    groups = num_experts // group_size
+    if T >= 1 << _TOKEN_BITS or groups >= 1 << (63 - _GROUP_SHIFT):
+        raise ValueError(
+            f"capacity routing supports < {1 << _TOKEN_BITS} tokens and < "
+            f"{1 << (63 - _GROUP_SHIFT)} expert groups per call, got {T} and {groups}"
+        )
+    valid = torch.isfinite(priority)
+    group = torch.where(valid, expert_idx // group_size, torch.full_like(expert_idx, groups))
+    token = torch.arange(T, device=expert_idx.device, dtype=torch.int64).unsqueeze(1)
+    key = (group << _GROUP_SHIFT) | (_descending_u32(priority) << _TOKEN_BITS) | token
+    order = torch.sort(key.reshape(-1), stable=True)[1]
+    sorted_group = group.reshape(-1)[order]
+    counts = torch.bincount(sorted_group, minlength=groups + 1)
+    first = torch.cumsum(counts, dim=0) - counts
+    rank = torch.arange(order.numel(), device=order.device) - first[sorted_group]
+    keep_sorted = (rank < capacity) & (sorted_group < groups)
+    return torch.empty_like(keep_sorted).scatter_(0, order, keep_sorted).view(T, m)
 
 
 def _priority(
-    scores: torch.Tensor, candidates: torch.Tensor, policy: str, seed: int
+    scores: torch.Tensor, expert_idx: torch.Tensor, valid: torch.Tensor, policy: str, seed: int
 ) -> torch.Tensor:
-    """[T, E] float priority for the drop policy, -inf off ``candidates``."""
+    """[T, m] float priority of the candidates ``expert_idx`` [T, m] for the drop policy
+    (scores: [T, E]), -inf where ``valid`` is False."""
     T = scores.shape[0]
     if policy == "score":
-        pri = scores
+        pri = torch.gather(scores, 1, expert_idx)
     elif policy in ("order", "reverse"):
         pos = torch.arange(T, device=scores.device, dtype=torch.float32)
-        pri = (-pos if policy == "order" else pos).unsqueeze(1).expand_as(scores)
-    else:  # random
+        pri = (-pos if policy == "order" else pos).unsqueeze(1).expand(expert_idx.shape)
+    else:  # random: one draw per (token, expert), whatever the candidate layout
         gen = torch.Generator(device=scores.device).manual_seed(seed)
-        pri = torch.rand(scores.shape, generator=gen, device=scores.device)
-    return torch.where(candidates, pri, torch.full_like(pri, float("-inf")))
+        draws = torch.rand(scores.shape, generator=gen, device=scores.device)
+        pri = torch.gather(draws, 1, expert_idx)
+    return torch.where(valid, pri, torch.full_like(pri, float("-inf")))
+
+
+def _vanilla(logits, gate, ctx) -> tuple[torch.Tensor, Routing]:
+    """Top-k indices [T, k] and the vanilla Routing built from them (Megatron's bits)."""
+    idx = topk_indices(logits, gate, ctx)
+    probs, routing_map = routing_from_indices(
+        idx, gate_weights(logits, idx, gate), gate.num_experts, like=logits
+    )
+    zero = torch.zeros((), dtype=torch.int64, device=logits.device)
+    return idx, Routing(probs, routing_map, num_dropped=zero)
 
 
 def token_drop(
@@ -89,7 +110,7 @@ def token_drop(
     """
     ctx = ctx or RoutingContext()
     params = params or TokenDropParams()
-    base = topk(logits, gate, None, ctx)
+    idx, base = _vanilla(logits, gate, ctx)
     if params.prefill_only and ctx.decode:
         return base
     T, E = base.routing_map.shape
@@ -100,8 +121,10 @@ def token_drop(
         group_capacity = math.ceil(group * params.capacity_factor * T * gate.topk / E)
     else:
         group_capacity = capacity
-    pri = _priority(score_distribution(logits, gate), base.routing_map, params.drop_policy, ctx.seed)
-    keep = keep_top_per_group(pri, group, group_capacity)
+    valid = torch.ones_like(idx, dtype=torch.bool)
+    pri = _priority(score_distribution(logits, gate), idx, valid, params.drop_policy, ctx.seed)
+    kept = keep_top_per_group(idx, pri, group, group_capacity, E)
+    keep = torch.zeros_like(base.routing_map).scatter_(1, idx, kept)
     probs = base.probs * keep
     if params.renormalize:
         before = base.probs.sum(dim=1, keepdim=True)
@@ -131,18 +154,24 @@ def expanded_drop(
     """
     ctx = ctx or RoutingContext()
     params = params or ExpandedDropParams()
-    base = topk(logits, gate, None, ctx)
+    idx, base = _vanilla(logits, gate, ctx)
     if params.prefill_only and ctx.decode:
         return base
     T, E = base.routing_map.shape
     per_rank = E // ctx.ep_size
-    local = torch.zeros(E, dtype=torch.bool, device=logits.device)
-    local[ctx.ep_rank * per_rank : (ctx.ep_rank + 1) * per_rank] = True
-    candidates = base.routing_map | local.unsqueeze(0)
+    local = torch.arange(
+        ctx.ep_rank * per_rank, (ctx.ep_rank + 1) * per_rank, device=logits.device
+    ).expand(T, per_rank)
+    # candidates: top-k, then the rank's local experts not already among them
+    cand = torch.cat([idx, local], dim=1)
+    valid = torch.cat([torch.ones_like(idx, dtype=torch.bool), ~torch.gather(base.routing_map, 1, local)], dim=1)
     scores = score_distribution(logits, gate)
     capacity = expert_capacity(T, gate, params.capacity_factor)
-    pri = _priority(scores, candidates, "score", ctx.seed)
-    keep = keep_top_per_group(pri, 1, capacity)
+    kept = keep_top_per_group(cand, _priority(scores, cand, valid, "score", ctx.seed), 1, capacity, E)
+    # a top-k expert that is also local appears twice (once invalid): OR the copies together
+    keep = torch.zeros(T, E, dtype=torch.int32, device=logits.device).scatter_add_(
+        1, cand, (kept & valid).int()
+    ) > 0
     m = params.max_experts_per_token
     if m is not None and m < E:
         row_pri = torch.where(keep, scores, torch.full_like(scores, float("-inf")))
