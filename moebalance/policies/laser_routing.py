@@ -212,11 +212,13 @@ def laser(
 ) -> Routing:
     """LASER routing, vectorised. logits [T, E] -> Routing with exactly k experts per token.
 
-    Tokens are assigned in geometrically shrinking chunks (half of what is left, down to
-    ``min_chunk`` tokens): each chunk sees the exact loads left by the previous ones, so the
+    Tokens are assigned in geometrically shrinking chunks (``chunk_ratio`` of what is left, down
+    to ``min_chunk`` tokens): each chunk sees the exact loads left by the previous ones, so the
     approximation error of a big chunk is corrected by the smaller ones after it, as the
-    sequential greedy corrects itself token by token. About log2(T / min_chunk) chunks of
-    ``rounds`` vectorised rounds each; no Python loop over tokens and no host synchronisation.
+    sequential greedy corrects itself token by token. About log(T / min_chunk) / log(1 /
+    (1 - chunk_ratio)) chunks (about 20 at 8K tokens with the defaults) of ``rounds`` vectorised
+    rounds each; no Python loop over tokens and no host synchronisation. That round count, not
+    the arithmetic, is what LASER costs on CPU (see results/routers_cpu.md).
     """
     ctx = ctx or RoutingContext()
     params = (params or LaserParams()).for_layer(ctx.layer)
@@ -238,7 +240,16 @@ def laser(
         chunk_need = pending_need[a] - (pending_need[b] if b < T else 0.0)
         share = chunk_need / pending_need[a].clamp(min=1)
         got, load = _assign_chunk(
-            pool_idx[a:b], valid[a:b], need_all[a:b], load, level_final, share, params.rounds, params.chunk_slack, params.proposal, a
+            pool_idx[a:b],
+            valid[a:b],
+            need_all[a:b],
+            load,
+            level_final,
+            share,
+            params.rounds,
+            params.chunk_slack,
+            params.proposal,
+            a,
         )
         chosen.append(got)
     return _finish(logits, gate, vanilla_idx, flexible, _compact(torch.cat(chosen), pool_idx, k))
