@@ -78,7 +78,7 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without `pip install -e .`
 
 import yaml  # noqa: E402
 
-from moebalance.config import ConfigError  # noqa: E402
+from moebalance.config import ConfigError, GateConfig  # noqa: E402
 from moebalance.distributed import LOAD_SCOPES, check_load_scope  # noqa: E402
 from moebalance.model_config import (  # noqa: E402
     DISPATCHERS,
@@ -245,6 +245,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--ep {ep} must be >= 1 and divide the world size {world}")
     if model.num_experts % ep:
         parser.error(f"--ep {ep} must divide the model's num_experts {model.num_experts}")
+    try:  # the router's parameters against this model's gate (e.g. pool_size within [k, E])
+        gate = GateConfig(
+            num_experts=model.num_experts,
+            topk=model.topk,
+            score_function=model.score_function,
+            pre_softmax=model.pre_softmax,
+        )
+        layers = getattr(args.params, "per_layer", {}) or {}
+        for layer in (None, *layers):
+            params = args.params.for_layer(layer) if layer is not None else args.params
+            params.validate(gate)
+    except ConfigError as err:
+        parser.error(f"--router-args: {err}")
     if torch.cuda.is_available():
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         if local_world > torch.cuda.device_count():

@@ -270,6 +270,12 @@ def infer():
         (["--router-args", "capacity_factor=0"], 1, "capacity_factor (gamma) must be"),
         (["--router-args", "pool=3"], 1, "unknown ExpandedDropParams field"),
         (["--router-args", "capacity_factor"], 1, "expects key=value"),
+        (["--router", "laser", "--router-args", "pool_size=1"], 1, "pool_size (c) must be in [topk=2"),
+        (
+            ["--router", "laser", "--router-args", "per_layer={1: {pool_size: 9}}"],
+            1,
+            "pool_size (c) must be in [topk=2, num_experts=8], got 9",
+        ),
         (["--router", "token_drop", "--load-scope", "global"], 1, "reads expert loads"),
         (["--checkpoint", "/nonexistent.safetensors"], 1, "not found"),
         (["--timeout", "0"], 1, "--timeout must be"),
