@@ -20,9 +20,9 @@ from moebalance import (
     route,
 )
 from moebalance.policies import expanded_drop, laser, laser_reference, token_drop, topk
-from moebalance.policies.capacity import expert_capacity
+from moebalance.policies.capacity import expert_capacity, keep_top_per_column, keep_top_per_group
 from moebalance.policies.gate import score_distribution
-from moebalance.policies.laser_routing import water_level
+from moebalance.policies.laser_routing import capped_water_level, water_level
 
 megatron_moe_utils = pytest.importorskip("megatron.core.transformer.moe.moe_utils")
 
@@ -192,6 +192,78 @@ def test_water_level_matches_brute_force(base, need, mask_seed):
     while sum(max(0, L - x) for x in rb) < need:
         L += 1
     assert got == L
+
+
+@given(
+    base=st.lists(st.integers(0, 40), min_size=1, max_size=12),
+    limits=st.lists(st.integers(0, 15), min_size=12, max_size=12),
+    frac=st.floats(0, 1),
+)
+@SETTINGS
+def test_capped_water_level_matches_brute_force(base, limits, frac):
+    limit = limits[: len(base)]
+    need = int(frac * sum(limit))
+    got = float(
+        capped_water_level(
+            torch.tensor(base, dtype=torch.float32),
+            torch.tensor(float(need)),
+            torch.tensor(limit, dtype=torch.float32),
+        )
+    )
+    fill = lambda L: sum(min(max(0, L - b), c) for b, c in zip(base, limit))  # noqa: E731
+    assert fill(got) >= need
+    L = min(base)
+    while fill(L) < need:
+        L += 1
+    assert got == L or (need == 0 and got <= L)
+
+
+@given(
+    T=st.integers(0, 300),
+    E=st.sampled_from([4, 8, 16, 64]),
+    k_frac=st.floats(0, 1),
+    load_seed=st.one_of(st.none(), st.integers(0, 1000)),
+    ep_size=st.sampled_from([1, 2, 4]),
+    seed=st.integers(0, 1000),
+)
+@SETTINGS
+def test_load_only_reaches_the_least_possible_maximum(T, E, k_frac, load_seed, ep_size, seed):
+    """Closed-form load-only routing: k distinct experts per token and a maximum load equal to
+    the brute-force optimum, hence never above the sequential greedy's."""
+    k = 1 + int(k_frac * (E - 1))
+    gate = GateConfig(num_experts=E, topk=k)
+    load = None
+    if load_seed is not None:
+        load = torch.randint(0, 3 * T + 5, (E,), generator=torch.Generator().manual_seed(load_seed))
+    ctx = RoutingContext(ep_rank=seed % ep_size, ep_size=ep_size, expert_load=load)
+    logits = logits_for(T, E, seed, 2.0)
+    r = route("load_only", logits, gate, None, ctx)
+    check_routing(r, num_tokens=T, num_slots=E, min_per_token=k, max_per_token=k)
+    base = [0] * E if load is None else load.tolist()
+    L = min(base)
+    while sum(min(max(0, L - b), T) for b in base) < T * k:
+        L += 1
+    final = [b + int(n) for b, n in zip(base, r.expert_load().tolist())]
+    assert max(final) == max(L, *base)
+    greedy = laser_reference(logits, gate, LaserParams(load_only=True), ctx).expert_load()
+    assert max(final) <= max(b + int(n) for b, n in zip(base, greedy.tolist()))
+
+
+@given(
+    T=st.integers(1, 200),
+    n=st.integers(1, 6),
+    capacity=st.integers(0, 220),
+    levels=st.integers(1, 50),
+    seed=st.integers(0, 1000),
+)
+@SETTINGS
+def test_keep_top_per_column_matches_keep_top_per_group(T, n, capacity, levels, seed):
+    """Every token a candidate of every column (few distinct priorities: many ties)."""
+    g = torch.Generator().manual_seed(seed)
+    pri = torch.randint(0, levels, (T, n), generator=g).float() / levels
+    cols = torch.arange(n).expand(T, n)
+    expected = keep_top_per_group(cols, pri, 1, capacity, n)
+    assert torch.equal(keep_top_per_column(pri, capacity), expected)
 
 
 # ---------------------------------------------------------------- token drop

@@ -16,7 +16,13 @@ from ..routing import Routing, routing_from_indices
 from .gate import gate_weights, score_distribution
 from .topk_routing import topk_indices
 
-__all__ = ["expert_capacity", "keep_top_per_group", "token_drop", "expanded_drop"]
+__all__ = [
+    "expert_capacity",
+    "keep_top_per_group",
+    "keep_top_per_column",
+    "token_drop",
+    "expanded_drop",
+]
 
 
 def expert_capacity(num_tokens: int, gate: GateConfig, capacity_factor: float) -> int:
@@ -44,27 +50,53 @@ def keep_top_per_group(
 
     expert_idx: [T, m] int64 candidate experts per token; priority: [T, m] float, -inf where the
     slot holds no candidate. Ties go to the earlier token, so no group keeps more than
-    ``capacity`` pairs. One sort of the T * m candidates (group, priority, token) and a rank
+    ``capacity`` pairs. One sort of the T * m unique keys (group, priority, token) and a rank
     within each group: no dense [T, E] pass, no host synchronisation.
     """
     T, m = expert_idx.shape
     groups = num_experts // group_size
-    if T >= 1 << _TOKEN_BITS or groups >= 1 << (63 - _GROUP_SHIFT):
-        raise ValueError(
-            f"capacity routing supports < {1 << _TOKEN_BITS} tokens and < "
-            f"{1 << (63 - _GROUP_SHIFT)} expert groups per call, got {T} and {groups}"
-        )
+    _check_key_range(T, groups)
     valid = torch.isfinite(priority)
     group = torch.where(valid, expert_idx // group_size, torch.full_like(expert_idx, groups))
-    token = torch.arange(T, device=expert_idx.device, dtype=torch.int64).unsqueeze(1)
-    key = (group << _GROUP_SHIFT) | (_descending_u32(priority) << _TOKEN_BITS) | token
-    order = torch.sort(key.reshape(-1), stable=True)[1]
-    sorted_group = group.reshape(-1)[order]
+    key = _candidate_keys(group, priority).reshape(-1)
+    # keys are unique (the token is in them): the sorted keys carry the group, no gather needed
+    sorted_key, order = torch.sort(key)
+    sorted_group = sorted_key >> _GROUP_SHIFT
     counts = torch.bincount(sorted_group, minlength=groups + 1)
     first = torch.cumsum(counts, dim=0) - counts
-    rank = torch.arange(order.numel(), device=order.device) - first[sorted_group]
+    rank = torch.arange(key.numel(), device=key.device) - first.gather(0, sorted_group)
     keep_sorted = (rank < capacity) & (sorted_group < groups)
     return torch.empty_like(keep_sorted).scatter_(0, order, keep_sorted).view(T, m)
+
+
+def _candidate_keys(group: torch.Tensor, priority: torch.Tensor) -> torch.Tensor:
+    """[T, m] int64 sort keys (group, priority descending, token): unique, ascending = kept first."""
+    token = torch.arange(group.shape[0], device=group.device, dtype=torch.int64).unsqueeze(1)
+    return (group << _GROUP_SHIFT) | (_descending_u32(priority) << _TOKEN_BITS) | token
+
+
+def _check_key_range(num_tokens: int, groups: int) -> None:
+    if num_tokens >= 1 << _TOKEN_BITS or groups >= 1 << (63 - _GROUP_SHIFT):
+        raise ValueError(
+            f"capacity routing supports < {1 << _TOKEN_BITS} tokens and < "
+            f"{1 << (63 - _GROUP_SHIFT)} expert groups per call, got {num_tokens} and {groups}"
+        )
+
+
+def keep_top_per_column(priority: torch.Tensor, capacity: int) -> torch.Tensor:
+    """[T, n] bool: in each column of ``priority`` [T, n] (every token a candidate), the
+    ``capacity`` entries of highest priority, ties to the earlier token (as ``keep_top_per_group``).
+
+    One top-``capacity`` per column over unique integer keys: cheaper than sorting when every
+    token competes, as for the rank-local experts of expanded drop.
+    """
+    T, n = priority.shape
+    _check_key_range(T, 1)
+    if capacity >= T:
+        return torch.ones_like(priority, dtype=torch.bool)
+    key = _candidate_keys(torch.zeros_like(priority, dtype=torch.int64), priority).t()
+    top = torch.topk(key, capacity, dim=1, largest=False, sorted=False)[1]  # [n, C] tokens
+    return torch.zeros(n, T, dtype=torch.bool, device=priority.device).scatter_(1, top, True).t()
 
 
 def _priority(
@@ -88,11 +120,16 @@ def _priority(
 def _vanilla(logits, gate, ctx) -> tuple[torch.Tensor, Routing]:
     """Top-k indices [T, k] and the vanilla Routing built from them (Megatron's bits)."""
     idx = topk_indices(logits, gate, ctx)
+    return idx, _vanilla_routing(logits, gate, idx)
+
+
+def _vanilla_routing(logits, gate, idx) -> Routing:
+    """The vanilla Routing of top-k indices ``idx`` [T, k]."""
     probs, routing_map = routing_from_indices(
         idx, gate_weights(logits, idx, gate), gate.num_experts, like=logits
     )
     zero = torch.zeros((), dtype=torch.int64, device=logits.device)
-    return idx, Routing(probs, routing_map, num_dropped=zero)
+    return Routing(probs, routing_map, num_dropped=zero)
 
 
 def token_drop(
@@ -125,7 +162,7 @@ def token_drop(
     pri = _priority(score_distribution(logits, gate), idx, valid, params.drop_policy, ctx.seed)
     kept = keep_top_per_group(idx, pri, group, group_capacity, E)
     keep = torch.zeros_like(base.routing_map).scatter_(1, idx, kept)
-    probs = base.probs * keep
+    probs = base.probs * keep  # (a float x bool product is the cheapest masking on CPU)
     if params.renormalize:
         before = base.probs.sum(dim=1, keepdim=True)
         after = probs.sum(dim=1, keepdim=True)
@@ -134,7 +171,7 @@ def token_drop(
         probs,
         keep,
         capacity=capacity if params.scope == "expert" else None,
-        num_dropped=(base.routing_map & ~keep).sum(),
+        num_dropped=(~kept).sum(),
     )
 
 
@@ -154,30 +191,28 @@ def expanded_drop(
     """
     ctx = ctx or RoutingContext()
     params = params or ExpandedDropParams()
-    idx, base = _vanilla(logits, gate, ctx)
+    idx = topk_indices(logits, gate, ctx)
     if params.prefill_only and ctx.decode:
-        return base
-    T, E = base.routing_map.shape
+        return _vanilla_routing(logits, gate, idx)
+    T, E = logits.shape
     per_rank = E // ctx.ep_size
-    local = torch.arange(
-        ctx.ep_rank * per_rank, (ctx.ep_rank + 1) * per_rank, device=logits.device
-    ).expand(T, per_rank)
-    # candidates: top-k, then the rank's local experts not already among them
-    cand = torch.cat([idx, local], dim=1)
-    valid = torch.cat([torch.ones_like(idx, dtype=torch.bool), ~torch.gather(base.routing_map, 1, local)], dim=1)
+    lo, hi = ctx.ep_rank * per_rank, (ctx.ep_rank + 1) * per_rank
     scores = score_distribution(logits, gate)
     capacity = expert_capacity(T, gate, params.capacity_factor)
-    kept = keep_top_per_group(cand, _priority(scores, cand, valid, "score", ctx.seed), 1, capacity, E)
-    # a top-k expert that is also local appears twice (once invalid): OR the copies together
-    keep = torch.zeros(T, E, dtype=torch.int32, device=logits.device).scatter_add_(
-        1, cand, (kept & valid).int()
-    ) > 0
+    # a remote expert's candidates are the tokens whose top-k holds it: token drop among those
+    remote = (idx < lo) | (idx >= hi)
+    kept = keep_top_per_group(idx, _priority(scores, idx, remote, "score", ctx.seed), 1, capacity, E)
+    keep = torch.zeros(T, E, dtype=torch.bool, device=logits.device).scatter_(1, idx, kept)
+    # a local expert's candidates are all tokens
+    keep[:, lo:hi] = keep_top_per_column(scores[:, lo:hi], capacity)
     m = params.max_experts_per_token
     if m is not None and m < E:
         row_pri = torch.where(keep, scores, torch.full_like(scores, float("-inf")))
         top = torch.topk(row_pri, m, dim=1, sorted=False)[1]
         keep = keep & torch.zeros_like(keep).scatter_(1, top, True)
-    weights = scores * keep
+    # masking, not ``scores * keep``: products with the tiny (subnormal) scores of a peaked
+    # softmax take the slow path on x86 CPUs
+    weights = torch.where(keep, scores, 0.0)
     if params.renormalize:
         total = weights.sum(dim=1, keepdim=True)
         weights = weights / torch.where(total > 0, total, torch.ones_like(total))
@@ -187,5 +222,5 @@ def expanded_drop(
         weights.to(logits.dtype),
         keep,
         capacity=capacity,
-        num_dropped=(base.routing_map & ~keep).sum(),
+        num_dropped=(~torch.gather(keep, 1, idx)).sum(),
     )

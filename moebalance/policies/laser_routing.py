@@ -29,7 +29,14 @@ from ..config import GateConfig, LaserParams, RoutingContext
 from ..routing import Routing, routing_from_indices
 from .gate import gate_weights, score_distribution, select_topk, selection_scores
 
-__all__ = ["laser", "laser_reference", "water_level", "laser_plan"]
+__all__ = [
+    "laser",
+    "laser_reference",
+    "water_level",
+    "capped_water_level",
+    "load_only_indices",
+    "laser_plan",
+]
 
 
 def water_level(base: torch.Tensor, need: torch.Tensor, reachable: torch.Tensor) -> torch.Tensor:
@@ -47,6 +54,62 @@ def water_level(base: torch.Tensor, need: torch.Tensor, reachable: torch.Tensor)
     cand = torch.maximum(torch.ceil((need + prefix) / m), torch.ceil(b_sorted))
     cand = torch.where(finite, cand, torch.full_like(cand, float("inf")))
     return cand.min()
+
+
+def capped_water_level(base: torch.Tensor, need: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+    """Smallest integer L with sum_e clamp(L - base_e, 0, limit_e) >= need.
+
+    base, limit: [E] float (integer-valued); need: 0-dim float, at most sum(limit). Returns a
+    0-dim float. The sum is piecewise linear in L with breakpoints base_e and base_e + limit_e:
+    it is evaluated at all 2E breakpoints at once and solved inside the segment that crosses
+    ``need`` (no loop, no host synchronisation).
+    """
+    bp, _ = torch.sort(torch.cat([base, base + limit]))
+    fill = (bp.unsqueeze(1) - base.unsqueeze(0)).clamp(min=0)
+    fill = torch.minimum(fill, limit.unsqueeze(0)).sum(dim=1)  # [2E] sum at each breakpoint
+    i = torch.argmax((fill >= need).int())  # first breakpoint reaching need
+    j = (i - 1).clamp(min=0)
+    lo, fill_lo = bp[j], fill[j]
+    slope = ((base <= lo) & (lo < base + limit)).sum().float()  # experts filling above ``lo``
+    inside = lo + torch.ceil((need - fill_lo) / slope.clamp(min=1))
+    return torch.where((i > 0) & (slope > 0), torch.minimum(inside, bp[i]), bp[i])
+
+
+def load_only_indices(
+    num_tokens: int, gate: GateConfig, base: torch.Tensor, first_expert: int = 0
+) -> torch.Tensor:
+    """[T, k] experts of the load-only router: every token k distinct experts, maximum load minimal.
+
+    Water-filling: with starting loads ``base`` [E], the smallest integer level L whose room
+    (each expert at most T more, one per token) holds the T k assignments; every expert is
+    filled to L - 1 and just enough of them to L (the least loaded first; ties from expert
+    ``first_expert`` onwards, the calling EP rank's first local expert, so that ranks spread
+    the extra ones). The T k slots are then laid out expert
+    by expert and dealt to tokens column by column (McNaughton's wrap-around): slot j of token
+    t is position j T + t, so a token never gets an expert twice because no expert holds more
+    than T slots. The maximum load is the least possible, which the sequential greedy can only
+    match. Scores are ignored, as the load-only lower bound prescribes.
+    """
+    k, E = gate.topk, gate.num_experts
+    dev = base.device
+    base = base.float()
+    limit = torch.full_like(base, float(num_tokens))
+    need = torch.tensor(float(num_tokens * k), device=dev)
+    level = capped_water_level(base, need, limit)
+    counts = torch.minimum((level - 1 - base).clamp(min=0), limit)
+    short = need - counts.sum()
+    # experts that can take one more at ``level``: least loaded first, ties from this rank's
+    # first local expert onwards (EP ranks spread their extra slots, each over its own experts)
+    rotated = (torch.arange(E, device=dev) + first_expert) % E
+    order = rotated[torch.argsort(base[rotated], stable=True)]
+    can_sorted = ((base <= level - 1) & (counts < limit))[order]
+    extra_sorted = can_sorted & (torch.cumsum(can_sorted.long(), 0) <= short)
+    extra = torch.zeros_like(can_sorted).scatter_(0, order, extra_sorted)
+    counts = (counts + extra.float()).long()
+    slots = torch.repeat_interleave(
+        torch.arange(E, device=dev), counts, output_size=num_tokens * k
+    )
+    return slots.view(k, num_tokens).t()
 
 
 def laser_plan(
@@ -223,6 +286,13 @@ def laser(
     ctx = ctx or RoutingContext()
     params = (params or LaserParams()).for_layer(ctx.layer)
     k, E = gate.topk, gate.num_experts
+    if params.load_only:  # every pool is all experts: solved exactly in closed form
+        base = torch.zeros(E, dtype=torch.float32, device=logits.device)
+        if ctx.expert_load is not None:
+            base = base + ctx.expert_load.to(device=logits.device, dtype=torch.float32)
+        idx = load_only_indices(logits.shape[0], gate, base, ctx.ep_rank * (E // ctx.ep_size))
+        every = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+        return _finish(logits, gate, idx, every, idx)
     vanilla_idx, flexible, pool_idx, valid, load = laser_plan(logits, gate, params, ctx)
     T, c = pool_idx.shape
     if c == k or T == 0:  # nothing to choose (c = k: pool_idx is vanilla_idx)
