@@ -144,6 +144,9 @@ class LaserParams:
             (least loaded counting expected requests; mimics the sequential greedy, best with a
             small pool) or "proportional" (sampled in proportion to room / expected requests;
             no herding when every token has the same large pool, as with ``load_only``).
+        polish_rounds: after the assignment, rounds of single-token moves that lower the
+            maximum load by one each when every expert at the maximum can hand a token to a
+            candidate loaded at least two less (0 disables).
         per_layer: optional {layer_index: {field: value}} overrides, resolved with ``for_layer``.
     """
 
@@ -157,6 +160,7 @@ class LaserParams:
     min_chunk: int = 16
     chunk_slack: float = 1.0
     proposal: str = "least_pressure"
+    polish_rounds: int = 4
     per_layer: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -187,6 +191,10 @@ class LaserParams:
         _require(
             self.proposal in ("least_pressure", "proportional"),
             f"proposal must be 'least_pressure' or 'proportional', got {self.proposal!r}",
+        )
+        _require(
+            isinstance(self.polish_rounds, int) and self.polish_rounds >= 0,
+            f"polish_rounds must be an integer >= 0, got {self.polish_rounds!r}",
         )
         _require(
             self.chunk_slack >= 1.0,

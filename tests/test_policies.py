@@ -155,6 +155,31 @@ def test_fast_laser_balances_close_to_sequential(T, seed, skew):
     assert float(fast.max()) <= float(ref.max()) * 1.25 + 2
 
 
+@given(
+    T=st.integers(1, 300),
+    E=st.sampled_from([8, 16, 64]),
+    seed=st.integers(0, 10_000),
+    skew=st.floats(0, 4),
+    rounds=st.integers(1, 8),
+    with_load=st.booleans(),
+)
+@SETTINGS
+def test_laser_peak_lowering_never_raises_the_maximum(T, E, seed, skew, rounds, with_load):
+    k = E // 8 + 1
+    gate = GateConfig(num_experts=E, topk=k)
+    logits = logits_for(T, E, seed, skew)
+    load = torch.randint(0, T // 4 + 1, (E,), generator=torch.Generator().manual_seed(seed))
+    ctx = RoutingContext(expert_load=load if with_load else None)
+    before = laser(logits, gate, LaserParams(eps_high=0.8, polish_rounds=0), ctx)
+    after = laser(logits, gate, LaserParams(eps_high=0.8, polish_rounds=rounds), ctx)
+    check_routing(after, min_per_token=k, max_per_token=k)
+    pool = torch.topk(logits, 2 * k, dim=1)[1]
+    in_pool = torch.zeros_like(after.routing_map).scatter_(1, pool, True)
+    assert not (after.routing_map & ~in_pool).any()
+    base = load if with_load else torch.zeros(E, dtype=torch.int64)
+    assert int((base + after.expert_load()).max()) <= int((base + before.expert_load()).max())
+
+
 def test_laser_expert_load_shifts_choices_away():
     E, k = 8, 2
     gate = GateConfig(num_experts=E, topk=k)

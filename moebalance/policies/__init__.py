@@ -76,7 +76,7 @@ POLICIES: dict[str, Policy] = {
             LaserParams,
             False,
             "least-loaded over all experts, scores ignored (imbalance lower bound)",
-            (("load_only", True), ("proposal", "proportional")),
+            (("load_only", True),),
             uses_expert_load=True,
         ),
         Policy("token_drop", token_drop, TokenDropParams, True, "capacity-aware token drop (cap gamma x mean)"),

@@ -18,7 +18,13 @@ The paper's assignment is sequential over tokens (``laser_reference`` below, kep
 ``laser`` is the vectorised version. Tokens go in geometrically shrinking chunks; within a chunk,
 a few rounds of proposals against per-expert quotas derived from the water level (the smallest
 integer load at which the experts the pending tokens can reach absorb all pending assignments).
-See ``laser`` and ``_assign_chunk``. No Python loop over tokens, no host synchronisation.
+See ``laser`` and ``_assign_chunk``. A few rounds of single-token moves from busier to idler
+candidates then lower the peak (``polish_rounds``, ``_lower_the_peak``): on the calibrated
+benchmark workloads the result has a lower max violation than the sequential greedy in every
+cell (results/routers_cpu.md). No Python loop over tokens, no host synchronisation.
+
+``load_only`` (every pool = all experts) has an exact closed form instead: water-filling to the
+least possible maximum and McNaughton's wrap-around to deal the slots (``load_only_indices``).
 """
 
 from __future__ import annotations
@@ -280,8 +286,9 @@ def laser(
     approximation error of a big chunk is corrected by the smaller ones after it, as the
     sequential greedy corrects itself token by token. About log(T / min_chunk) / log(1 /
     (1 - chunk_ratio)) chunks (about 20 at 8K tokens with the defaults) of ``rounds`` vectorised
-    rounds each; no Python loop over tokens and no host synchronisation. That round count, not
-    the arithmetic, is what LASER costs on CPU (see results/routers_cpu.md).
+    rounds each, then ``polish_rounds`` rounds of peak-lowering moves; no Python loop over
+    tokens and no host synchronisation. That round count, not the arithmetic, is what LASER
+    costs on CPU (see results/routers_cpu.md). ``load_only`` takes the closed form instead.
     """
     ctx = ctx or RoutingContext()
     params = (params or LaserParams()).for_layer(ctx.layer)
@@ -322,7 +329,52 @@ def laser(
             a,
         )
         chosen.append(got)
-    return _finish(logits, gate, vanilla_idx, flexible, _compact(torch.cat(chosen), pool_idx, k))
+    chosen = _lower_the_peak(pool_idx, wanted_all, torch.cat(chosen), load, params.polish_rounds)
+    return _finish(logits, gate, vanilla_idx, flexible, _compact(chosen, pool_idx, k))
+
+
+def _first_per_expert(flag: torch.Tensor, expert: torch.Tensor, key: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[T] bool: ``flag`` kept only on the token of smallest ``key`` (unique int64) per expert."""
+    big = torch.iinfo(torch.int64).max
+    best = torch.full((num_experts,), big, dtype=torch.int64, device=flag.device).scatter_reduce_(
+        0, expert, torch.where(flag, key, big), reduce="amin"
+    )
+    return flag & (best.gather(0, expert) == key)
+
+
+def _lower_the_peak(
+    ids: torch.Tensor, wanted: torch.Tensor, chosen: torch.Tensor, load: torch.Tensor, rounds: int
+) -> torch.Tensor:
+    """Single-token moves from busier to idler experts, the busiest first: up to ``rounds``
+    times, every token proposes to hand its most loaded expert (load a) to its least loaded
+    open candidate (load <= a - 2); each expert gives at most one token and receives at most
+    one per round, the proposals from the busiest experts winning. No move lifts an expert
+    past the one it relieves, so the maximum never rises, and it drops by one whenever every
+    expert at the maximum finds a move. Each token keeps its number of experts, all from its
+    pool.
+    """
+    T, c = ids.shape
+    dev = ids.device
+    E = load.shape[0]
+    inf = torch.full(ids.shape, float("inf"), device=dev)
+    token = torch.arange(T, device=dev)
+    col = torch.arange(c, device=dev).unsqueeze(0)
+    for _ in range(rounds):
+        cand_load = load[ids]
+        src_load, src_col = torch.where(chosen, cand_load, -inf).max(dim=1)
+        dst_load, dst_col = torch.where(wanted & ~chosen, cand_load, inf).min(dim=1)
+        move = dst_load <= src_load - 2
+        src = ids.gather(1, src_col.unsqueeze(1)).squeeze(1)
+        dst = ids.gather(1, dst_col.unsqueeze(1)).squeeze(1)
+        # busiest source first, then token order (finite: a moving token has a source)
+        rank = (load.max() - torch.where(move, src_load, 0)).long() * T + token
+        move = _first_per_expert(move, src, rank, E)
+        move = _first_per_expert(move, dst, rank, E)
+        rows = move.unsqueeze(1)
+        chosen = (chosen & ~(rows & (col == src_col.unsqueeze(1)))) | (rows & (col == dst_col.unsqueeze(1)))
+        shift = torch.zeros(E, device=dev).scatter_add_(0, dst, move.float())
+        load = load + shift - torch.zeros(E, device=dev).scatter_add_(0, src, move.float())
+    return chosen
 
 
 def laser_reference(
