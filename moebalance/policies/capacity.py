@@ -94,7 +94,9 @@ def keep_top_per_column(priority: torch.Tensor, capacity: int) -> torch.Tensor:
     _check_key_range(T, 1)
     if capacity >= T:
         return torch.ones_like(priority, dtype=torch.bool)
-    key = _candidate_keys(torch.zeros_like(priority, dtype=torch.int64), priority).t()
+    columns = priority.t().contiguous()  # [n, T]: keys built and ranked along each row
+    token = torch.arange(T, device=priority.device, dtype=torch.int64)
+    key = (_descending_u32(columns) << _TOKEN_BITS) | token
     top = torch.topk(key, capacity, dim=1, largest=False, sorted=False)[1]  # [n, C] tokens
     return torch.zeros(n, T, dtype=torch.bool, device=priority.device).scatter_(1, top, True).t()
 
