@@ -144,7 +144,9 @@ class LaserParams:
             (least loaded counting expected requests; mimics the sequential greedy, best with a
             small pool) or "proportional" (sampled in proportion to room / expected requests;
             no herding when every token has the same large pool, as with ``load_only``).
-        polish_rounds: after the assignment, rounds of single-token moves that lower the
+        settle_rounds: after the assignment, rounds of bulk single-token moves from experts
+            above the water level to candidates below it (0 disables).
+        polish_rounds: then, rounds of single-token moves that lower the
             maximum load by one each when every expert at the maximum can hand a token to a
             candidate loaded at least two less (0 disables).
         per_layer: optional {layer_index: {field: value}} overrides, resolved with ``for_layer``.
@@ -160,6 +162,7 @@ class LaserParams:
     min_chunk: int = 16
     chunk_slack: float = 1.0
     proposal: str = "least_pressure"
+    settle_rounds: int = 6
     polish_rounds: int = 4
     per_layer: dict[int, dict[str, Any]] = field(default_factory=dict)
 
@@ -191,6 +194,10 @@ class LaserParams:
         _require(
             self.proposal in ("least_pressure", "proportional"),
             f"proposal must be 'least_pressure' or 'proportional', got {self.proposal!r}",
+        )
+        _require(
+            isinstance(self.settle_rounds, int) and self.settle_rounds >= 0,
+            f"settle_rounds must be an integer >= 0, got {self.settle_rounds!r}",
         )
         _require(
             isinstance(self.polish_rounds, int) and self.polish_rounds >= 0,

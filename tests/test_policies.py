@@ -161,23 +161,49 @@ def test_fast_laser_balances_close_to_sequential(T, seed, skew):
     seed=st.integers(0, 10_000),
     skew=st.floats(0, 4),
     rounds=st.integers(1, 8),
+    settle=st.integers(0, 6),
     with_load=st.booleans(),
 )
 @SETTINGS
-def test_laser_peak_lowering_never_raises_the_maximum(T, E, seed, skew, rounds, with_load):
+def test_laser_moves_after_assignment_never_raise_the_maximum(
+    T, E, seed, skew, rounds, settle, with_load
+):
+    """Settling toward the water level and lowering the peak keep the contract and never
+    raise the maximum load of the chunked assignment."""
     k = E // 8 + 1
     gate = GateConfig(num_experts=E, topk=k)
     logits = logits_for(T, E, seed, skew)
     load = torch.randint(0, T // 4 + 1, (E,), generator=torch.Generator().manual_seed(seed))
     ctx = RoutingContext(expert_load=load if with_load else None)
-    before = laser(logits, gate, LaserParams(eps_high=0.8, polish_rounds=0), ctx)
-    after = laser(logits, gate, LaserParams(eps_high=0.8, polish_rounds=rounds), ctx)
+    before = laser(logits, gate, LaserParams(eps_high=0.8, settle_rounds=0, polish_rounds=0), ctx)
+    params = LaserParams(eps_high=0.8, settle_rounds=settle, polish_rounds=rounds)
+    after = laser(logits, gate, params, ctx)
     check_routing(after, min_per_token=k, max_per_token=k)
     pool = torch.topk(logits, 2 * k, dim=1)[1]
     in_pool = torch.zeros_like(after.routing_map).scatter_(1, pool, True)
     assert not (after.routing_map & ~in_pool).any()
     base = load if with_load else torch.zeros(E, dtype=torch.int64)
     assert int((base + after.expert_load()).max()) <= int((base + before.expert_load()).max())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_laser_moves_on_a_token_subset_of_a_large_batch(seed):
+    """Past REFINE_MIN_TOKENS tokens the moves run on a fixed-size subset, scattered back."""
+    from moebalance.policies.laser_routing import REFINE_MIN_TOKENS
+
+    E, k, T = 64, 8, 3 * REFINE_MIN_TOKENS
+    gate = GateConfig(num_experts=E, topk=k)
+    logits = logits_for(T, E, seed, 3.0)
+    plain = LaserParams(settle_rounds=0, polish_rounds=0)
+    before = laser(logits, gate, plain, RoutingContext())
+    after = laser(logits, gate, LaserParams(), RoutingContext())
+    check_routing(after, min_per_token=k, max_per_token=k)
+    in_pool = torch.zeros_like(after.routing_map).scatter_(1, torch.topk(logits, 2 * k, dim=1)[1], True)
+    assert not (after.routing_map & ~in_pool).any()
+    assert int(after.expert_load().max()) <= int(before.expert_load().max())
+    assert int(after.expert_load().max()) <= int(laser_reference(logits, gate).expert_load().max())
+    moved = (after.routing_map != before.routing_map).any(dim=1)
+    assert 0 < int(moved.sum()) <= max(REFINE_MIN_TOKENS, T // 8)
 
 
 def test_laser_expert_load_shifts_choices_away():

@@ -301,6 +301,7 @@ def laser(
         every = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
         return _finish(logits, gate, idx, every, idx)
     vanilla_idx, flexible, pool_idx, valid, load = laser_plan(logits, gate, params, ctx)
+    base_load = load
     T, c = pool_idx.shape
     if c == k or T == 0:  # nothing to choose (c = k: pool_idx is vanilla_idx)
         return _finish(logits, gate, vanilla_idx, flexible, pool_idx[:, :k])
@@ -329,8 +330,107 @@ def laser(
             a,
         )
         chosen.append(got)
-    chosen = _lower_the_peak(pool_idx, wanted_all, torch.cat(chosen), load, params.polish_rounds)
+    chosen = torch.cat(chosen)
+    if params.settle_rounds or params.polish_rounds:
+        demand = torch.zeros(E, dtype=torch.float32, device=logits.device).scatter_add_(
+            0, pool_idx.reshape(-1), wanted_all.reshape(-1).float()
+        )
+        level = capped_water_level(base_load, pending_need[0], demand)
+        chosen = _refine(pool_idx, wanted_all, chosen, load, level, params)
     return _finish(logits, gate, vanilla_idx, flexible, _compact(chosen, pool_idx, k))
+
+
+REFINE_MIN_TOKENS = 1024  # the moves after the assignment consider at least this many tokens
+REFINE_FRACTION = 8  # ... and at least this fraction of them
+
+
+def _refine(ids, wanted, chosen, load, level, params: LaserParams) -> torch.Tensor:
+    """Moves after the chunked assignment: ``settle_rounds`` toward the water level, then
+    ``polish_rounds`` lowering the peak. Only the tokens with the most to gain take part (those
+    whose most loaded expert exceeds their least loaded open candidate the most; an eighth of
+    the tokens, at least ``REFINE_MIN_TOKENS``): a fixed-size subset, so later rounds cost a
+    fraction of a full pass and nothing waits on the host."""
+    T = ids.shape[0]
+    size = max(REFINE_MIN_TOKENS, T // REFINE_FRACTION)
+    rows = None
+    if size < T:
+        *_, src_load, dst_load = _proposed_moves(ids, wanted, chosen, load)
+        gap = torch.nan_to_num(src_load - dst_load, nan=float("-inf"))
+        rows = torch.topk(gap, size, sorted=False)[1].sort()[0]  # token order kept
+        ids, wanted, full, chosen = ids[rows], wanted[rows], chosen, chosen[rows]
+    chosen, load = _settle_to_level(ids, wanted, chosen, load, level, params.settle_rounds)
+    chosen = _lower_the_peak(ids, wanted, chosen, load, params.polish_rounds)
+    if rows is None:
+        return chosen
+    return full.index_copy(0, rows, chosen)
+
+
+def _rank_in_group(flag: torch.Tensor, group: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """[T] int64: each flagged token's rank among the flagged tokens of its group, in token
+    order (unflagged tokens get ranks past every group's). One sort of T keys (int32 keys
+    when they fit: half the sort time on CPU)."""
+    T = flag.shape[0]
+    token = torch.arange(T, device=flag.device)
+    key = torch.where(flag, group, num_groups) * T + token
+    if (num_groups + 1) * T < 2**31:
+        key = key.int()
+    sorted_key, order = torch.sort(key)
+    sorted_group = sorted_key.long() // T
+    counts = torch.bincount(sorted_group, minlength=num_groups + 1)
+    first = torch.cumsum(counts, dim=0) - counts
+    rank = token - first.gather(0, sorted_group)
+    return torch.empty_like(rank).scatter_(0, order, rank)
+
+
+def _proposed_moves(ids: torch.Tensor, wanted: torch.Tensor, chosen: torch.Tensor, load: torch.Tensor):
+    """Each token's candidate move: from its most loaded chosen expert to its least loaded open
+    candidate. Returns (src_col, dst_col [T] pool columns, src, dst [T] experts, src_load,
+    dst_load [T]; -inf / +inf where the token has no chosen / no open candidate)."""
+    cand_load = load.gather(0, ids.reshape(-1)).view(ids.shape)
+    src_load, src_col = cand_load.masked_fill(~chosen, float("-inf")).max(dim=1)
+    dst_load, dst_col = cand_load.masked_fill(~(wanted & ~chosen), float("inf")).min(dim=1)
+    src = ids.gather(1, src_col.unsqueeze(1)).squeeze(1)
+    dst = ids.gather(1, dst_col.unsqueeze(1)).squeeze(1)
+    return src_col, dst_col, src, dst, src_load, dst_load
+
+
+def _apply_moves(chosen, load, move, src_col, dst_col, src, dst):
+    """Move the flagged tokens from pool column ``src_col`` to ``dst_col``; returns (chosen, load)."""
+    flag = move.unsqueeze(1)
+    chosen = chosen.scatter(1, src_col.unsqueeze(1), chosen.gather(1, src_col.unsqueeze(1)) & ~flag)
+    chosen = chosen.scatter(1, dst_col.unsqueeze(1), chosen.gather(1, dst_col.unsqueeze(1)) | flag)
+    moved = move.float()
+    load = load + torch.zeros_like(load).scatter_add_(0, dst, moved)
+    return chosen, load - torch.zeros_like(load).scatter_add_(0, src, moved)
+
+
+def _settle_to_level(
+    ids: torch.Tensor,
+    wanted: torch.Tensor,
+    chosen: torch.Tensor,
+    load: torch.Tensor,
+    level: torch.Tensor,
+    rounds: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bulk single-token moves toward the water level ``level``: up to ``rounds`` times, every
+    token whose most loaded expert is above the target and whose least loaded open candidate
+    is below it proposes that move; each expert gives up at most its excess over the target
+    and takes at most its room below it (earlier tokens first). The target is the level for
+    two rounds, then halfway between the level and the current maximum (where the level is
+    out of reach). No expert crosses the target, so the maximum never rises.
+    Returns (chosen, load).
+    """
+    E = load.shape[0]
+    target = level
+    for r in range(rounds):
+        if r >= 2:
+            target = torch.maximum(level, torch.ceil((load.max() + level) / 2))
+        src_col, dst_col, src, dst, src_load, dst_load = _proposed_moves(ids, wanted, chosen, load)
+        move = (src_load > target) & (dst_load < target)
+        move &= _rank_in_group(move, src, E) < (load - target).clamp(min=0).gather(0, src)
+        move &= _rank_in_group(move, dst, E) < (target - load).clamp(min=0).gather(0, dst)
+        chosen, load = _apply_moves(chosen, load, move, src_col, dst_col, src, dst)
+    return chosen, load
 
 
 def _first_per_expert(flag: torch.Tensor, expert: torch.Tensor, key: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -353,27 +453,17 @@ def _lower_the_peak(
     expert at the maximum finds a move. Each token keeps its number of experts, all from its
     pool.
     """
-    T, c = ids.shape
-    dev = ids.device
+    T = ids.shape[0]
     E = load.shape[0]
-    inf = torch.full(ids.shape, float("inf"), device=dev)
-    token = torch.arange(T, device=dev)
-    col = torch.arange(c, device=dev).unsqueeze(0)
+    token = torch.arange(T, device=ids.device)
     for _ in range(rounds):
-        cand_load = load[ids]
-        src_load, src_col = torch.where(chosen, cand_load, -inf).max(dim=1)
-        dst_load, dst_col = torch.where(wanted & ~chosen, cand_load, inf).min(dim=1)
+        src_col, dst_col, src, dst, src_load, dst_load = _proposed_moves(ids, wanted, chosen, load)
         move = dst_load <= src_load - 2
-        src = ids.gather(1, src_col.unsqueeze(1)).squeeze(1)
-        dst = ids.gather(1, dst_col.unsqueeze(1)).squeeze(1)
         # busiest source first, then token order (finite: a moving token has a source)
         rank = (load.max() - torch.where(move, src_load, 0)).long() * T + token
         move = _first_per_expert(move, src, rank, E)
         move = _first_per_expert(move, dst, rank, E)
-        rows = move.unsqueeze(1)
-        chosen = (chosen & ~(rows & (col == src_col.unsqueeze(1)))) | (rows & (col == dst_col.unsqueeze(1)))
-        shift = torch.zeros(E, device=dev).scatter_add_(0, dst, move.float())
-        load = load + shift - torch.zeros(E, device=dev).scatter_add_(0, src, move.float())
+        chosen, load = _apply_moves(chosen, load, move, src_col, dst_col, src, dst)
     return chosen
 
 
