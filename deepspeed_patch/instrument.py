@@ -92,6 +92,8 @@ def instrument(model: torch.nn.Module, recorder: MoERecorder) -> Instrumentation
                     else:
                         dropped = decision.num_dropped if decision.num_dropped is not None else 0
                         recorder.add_routing(layer, tokens, decision.routing_map.sum(), dropped)
+                    # C of the [E, C, M] buffer: the 7-tuple carries it, the 4-tuple's shape does
+                    recorder.add_capacity(layer, out[1] if len(out) == 7 else out[1].shape[-1])
                     recorder.add_tokens_per_expert(
                         layer,
                         _received_per_local_expert(moe_layer, out[-1]),

@@ -97,6 +97,10 @@ class LayerStep:
         tokens: tokens this rank routed (padding excluded when the router saw a mask).
         assignments: (token, expert) pairs this rank's routing decision made.
         dropped: top-k assignments its policy removed (0 for top-k and LASER).
+        capacity: slots per expert of a padded dispatch buffer, when the framework pads
+            (DeepSpeed's C, agreed over the EP group: every expert computes C rows, filled or
+            not, so expert time follows C rather than the tokens received); None for dropless
+            dispatch (Megatron's alltoall without a capacity factor).
     """
 
     rank: int
@@ -115,6 +119,7 @@ class LayerStep:
     tokens: int = 0
     assignments: int = 0
     dropped: int = 0
+    capacity: int | None = None
 
 
 class MoERecorder:
@@ -192,6 +197,8 @@ class MoERecorder:
                 if row.tokens_per_expert:
                     counts = [a + b for a, b in zip(row.tokens_per_expert, counts)]
                 row.tokens_per_expert = counts
+            elif name == "capacity":
+                row.capacity = max(int(value), row.capacity or 0)
             else:
                 setattr(row, name, getattr(row, name) + int(value))
         self._pending_events.clear()
@@ -278,6 +285,17 @@ class MoERecorder:
                 self._pending_tensors.append((row, name, value.detach()))
             else:
                 setattr(row, name, getattr(row, name) + int(value))
+
+    def add_capacity(self, layer: int, capacity: int | torch.Tensor) -> None:
+        """Slots per expert of the padded dispatch buffer this call used (int or 0-dim tensor;
+        read at end_step). With several calls per step the largest is kept."""
+        if not self.active:
+            return
+        row = self._row(layer)
+        if torch.is_tensor(capacity):
+            self._pending_tensors.append((row, "capacity", capacity.detach()))
+        else:
+            row.capacity = max(int(capacity), row.capacity or 0)
 
     # ------------------------------------------------------------------ results
     def records(self, include_warmup: bool = False) -> list[dict]:

@@ -132,6 +132,8 @@ def _instrument_case(model, cfg):
         "loads_add_up": all(
             sum(r["tokens_per_expert"]) == r["assignments"] == 20 * cfg.topk for r in records
         ),
+        # one rank: the padded buffer's C is the busiest expert's count
+        "capacity": all(r["capacity"] == max(r["tokens_per_expert"]) for r in records),
         "restored": not wrapped,
     }
 
@@ -178,7 +180,7 @@ def test_logits_match_megatron_at_world_1_with_model_variants():
         moe_layers = list(range(VARIANT.get("first_dense_layers", 0), VARIANT["num_layers"]))
         want = moe_layers if name == "variant" else list(range(SMALL["num_layers"]))
         assert figures["instrument"] == {
-            "layers": want, "timed": True, "loads_add_up": True, "restored": True
+            "layers": want, "timed": True, "loads_add_up": True, "capacity": True, "restored": True
         }, name
 
 

@@ -143,10 +143,13 @@ def test_recorder_records_steps_layers_and_excludes_warmup():
     rec.add_tokens_per_expert(2, torch.tensor([3, 0]), [2, 3])
     rec.add_tokens_per_expert(2, torch.tensor([1, 1]), [2, 3])
     rec.add_routing(2, 4, torch.tensor(6), torch.tensor(2))
+    rec.add_capacity(2, torch.tensor(7))  # two calls of the layer: the larger buffer is kept
+    rec.add_capacity(2, 5)
     rec.end_step()
     with rec.range("router", 5):  # outside a step: nothing recorded
         pass
     rec.add_routing(5, 1, 1)
+    rec.add_capacity(5, 3)
 
     (row,) = rec.records()
     assert row["step"] == 1 and row["phase"] == "decode" and row["layer"] == 2
@@ -154,7 +157,9 @@ def test_recorder_records_steps_layers_and_excludes_warmup():
     assert all(row[f"{n}_ms"] > 0 for n in telemetry.RANGES)
     assert row["tokens_per_expert"] == [4, 1] and row["local_experts"] == [2, 3]
     assert (row["tokens"], row["assignments"], row["dropped"]) == (4, 6, 2)
+    assert row["capacity"] == 7
     assert [r["warmup"] for r in rec.records(include_warmup=True)] == [True, False]
+    assert rec.records(include_warmup=True)[0]["capacity"] is None  # nothing padded recorded
     rec.clear()
     assert rec.records(include_warmup=True) == []
 
