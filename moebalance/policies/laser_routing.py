@@ -209,7 +209,7 @@ def _assign_chunk(
     rounds: int,
     slack: float,
     proposal: str,
-    token_offset: int,
+    jitter: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Assign one chunk of flexible tokens; returns (chosen [n, c] bool, updated load [E]).
 
@@ -220,22 +220,22 @@ def _assign_chunk(
     by ``proposal`` ("least_pressure": least load + requests expected from tokens spreading their
     need evenly over their open candidates; "proportional": sampled with probability ~ room /
     expected requests), and each expert accepts in token order up to its quota. What is left
-    after ``rounds`` goes to the least-loaded remaining candidates.
+    after ``rounds`` goes to the least-loaded remaining candidates. ``jitter`` [n, c] in [0, 1):
+    the tokens' fixed tie-breaking offsets (``_hash_unit``).
     """
     n, c = ids.shape
     E = load.shape[0]
     dev = load.device
     chosen = torch.zeros_like(valid)
     start = load
-    # A fixed pseudo-random offset below one token per (token, candidate) breaks ties between
-    # equally loaded candidates differently for each token; without it every token of a chunk
-    # would propose to the same experts (the herd the sequential greedy avoids by updating
-    # loads after each token).
-    jitter = _hash_unit(token_offset + torch.arange(n, device=dev).unsqueeze(1), ids)
     # the chunk's share of each expert's room (times ``slack`` >= 1: more lets a chunk finish in
     # fewer rounds, the smaller chunks after it correcting the overshoot)
     quota_total = torch.ceil(torch.clamp(share * slack, max=1.0) * (level_final - start).clamp(min=0))
     flat_ids = ids.reshape(-1)
+    # (expert, token) cells of an [E, n] grid, so that counts in token order per expert run
+    # along contiguous rows (a cumulative sum along dim 0 of [n, E] is several times slower)
+    cell = (ids * n + torch.arange(n, device=dev).unsqueeze(1)).reshape(-1)
+    columns = torch.arange(c, device=dev).unsqueeze(0)
     for r in range(rounds):
         wanted = valid & ~chosen & (need.unsqueeze(1) > 0)
         limit = start + quota_total
@@ -254,21 +254,21 @@ def _assign_chunk(
             key = -torch.log(jitter.clamp(min=1e-6)) / weight[ids].clamp(min=1e-9)
         key = torch.where(open_, key, torch.full_like(key, float("inf")))
         order = torch.argsort(key, dim=1, stable=True)
-        first = torch.arange(c, device=dev).unsqueeze(0) < need.unsqueeze(1)
-        propose = torch.zeros_like(open_).scatter_(1, order, first) & open_
-        proposals = torch.zeros(n, E, dtype=torch.int32, device=dev).scatter_(1, ids, propose.int())
+        propose = torch.zeros_like(open_).scatter_(1, order, columns < need.unsqueeze(1)) & open_
+        proposals = torch.zeros(E * n, dtype=torch.int32, device=dev).scatter_(
+            0, cell, propose.reshape(-1).int()
+        ).view(E, n)
         accepted = (proposals > 0) & (
-            torch.cumsum(proposals, dim=0) <= (limit - load).clamp(min=0).unsqueeze(0)
+            torch.cumsum(proposals, dim=1) <= (limit - load).clamp(min=0).unsqueeze(1)
         )
-        got = torch.gather(accepted, 1, ids) & propose
+        got = accepted.view(-1).gather(0, cell).view(n, c) & propose
         chosen |= got
         need = need - got.sum(dim=1)
-        load = load + accepted.sum(dim=0).float()
+        load = load + accepted.sum(dim=1).float()
     left = valid & ~chosen
     cand_load = torch.where(left, load[ids] + jitter, torch.full_like(jitter, float("inf")))
     order = torch.argsort(cand_load, dim=1, stable=True)  # least loaded; ties keep score order
-    first = torch.arange(c, device=dev).unsqueeze(0) < need.unsqueeze(1)
-    take = torch.zeros_like(chosen).scatter_(1, order, first) & left
+    take = torch.zeros_like(chosen).scatter_(1, order, columns < need.unsqueeze(1)) & left
     load = load + torch.zeros_like(load).scatter_add_(0, flat_ids, take.reshape(-1).float())
     return chosen | take, load
 
@@ -309,6 +309,11 @@ def laser(
     need_all = torch.where(flexible, k, 0)
     pending_need = need_all.flip(0).cumsum(0).flip(0).float()  # need of tokens t.. end
     wanted_all = valid & flexible.unsqueeze(1)
+    # A fixed pseudo-random offset below one token per (token, candidate) breaks ties between
+    # equally loaded candidates differently for each token; without it every token of a chunk
+    # would propose to the same experts (the herd the sequential greedy avoids by updating
+    # loads after each token).
+    jitter = _hash_unit(torch.arange(T, device=logits.device).unsqueeze(1), pool_idx)
     chosen = []
     for a, b in _chunks(T, params.chunk_ratio, params.min_chunk):
         reach = torch.zeros(E, dtype=torch.int32, device=logits.device).scatter_add_(
@@ -327,7 +332,7 @@ def laser(
             params.rounds,
             params.chunk_slack,
             params.proposal,
-            a,
+            jitter[a:b],
         )
         chosen.append(got)
     chosen = torch.cat(chosen)
