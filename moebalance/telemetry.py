@@ -379,6 +379,8 @@ def join_ranks(records: Sequence[dict]) -> list[dict]:
                 "tokens": sum(r["tokens"] for r in rows),
                 "assignments": sum(r["assignments"] for r in rows),
                 "dropped": sum(r["dropped"] for r in rows),
+                # padded dispatch (DeepSpeed): C agreed over the group; None when dropless
+                "capacity": max((r.get("capacity") or 0 for r in rows), default=0) or None,
             }
         )
     return samples
@@ -411,13 +413,21 @@ def _summary_of(samples: Sequence[dict], topk: int) -> dict[str, Any]:
     figures = [_sample_figures(s) for s in samples]
     keys = ("straggler_ms", "rank_imbalance", "max_violation") + tuple(f"{n}_ms" for n in RANGES)
     routed = sum(s["tokens"] for s in samples) * topk
-    return {
+    out = {
         "samples": len(samples),
         **{k: _stats([f[k] for f in figures]) for k in keys},
         "dropped_fraction": sum(s["dropped"] for s in samples) / routed if routed else 0.0,
         "tokens": sum(s["tokens"] for s in samples),
         "assignments": sum(s["assignments"] for s in samples),
     }
+    padded = [s for s in samples if s.get("capacity")]
+    if padded:  # every expert computes C rows per sending rank: the share holding a token
+        out["capacity"] = _stats([float(s["capacity"]) for s in padded])
+        out["buffer_fill"] = _stats([
+            sum(s["expert_load"]) / (len(s["expert_load"]) * len(s["tokens_per_rank"]) * s["capacity"])
+            for s in padded
+        ])
+    return out
 
 
 def summarize(records: Sequence[dict], topk: int) -> dict[str, Any]:
@@ -428,7 +438,9 @@ def summarize(records: Sequence[dict], topk: int) -> dict[str, Any]:
     ``straggler_ms``, ``rank_imbalance``, ``max_violation``, ``router_ms``, ``dispatch_ms``,
     ``experts_ms``, ``combine_ms`` (each {"p50", "p95", "mean", "max", "n"}; phase times are the
     mean over ranks of each sample), ``dropped_fraction``, ``samples``, ``tokens``,
-    ``assignments``. Warm-up records should be left out before (``records()`` does).
+    ``assignments``; with a padded dispatch buffer (DeepSpeed) also ``capacity`` (C) and
+    ``buffer_fill`` (tokens received / (E x EP x C): the share of the computed slots holding a
+    token; each expert computes C slots per sending rank). Warm-up records should be left out before (``records()`` does).
     """
     samples = join_ranks(records)
     out: dict[str, Any] = {"all": _summary_of(samples, topk)}

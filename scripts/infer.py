@@ -90,7 +90,7 @@ from moebalance.model_config import (  # noqa: E402
     trained_checkpoint,
 )
 from moebalance.policies import POLICIES, make_params  # noqa: E402
-from moebalance.telemetry import MoERecorder, gather_to_rank0, summarize  # noqa: E402
+from moebalance.telemetry import PHASES, MoERecorder, gather_to_rank0, summarize  # noqa: E402
 
 # Megatron (several seconds to import) is imported in main(), after the options are validated.
 
@@ -566,11 +566,14 @@ def _fmt(value, spec: str) -> str:
 
 def table(runs: list[dict]) -> str:
     """Rows per router and phase: straggler ms, per-rank imbalance and MV (p50 / p95 over the
-    (step, layer) samples), dropped fraction; prefill latency on the prefill row, decode ms per
+    (step, layer) samples), dropped fraction; with a padded dispatch buffer (DeepSpeed) the
+    share of its slots holding a token (p50); prefill latency on the prefill row, decode ms per
     token on the decode row; tokens/s and peak memory per router."""
+    padded = any("buffer_fill" in run["summary"][phase] for run in runs for phase in PHASES)
     head = (
         f"{'router':<14}{'phase':<9}{'straggler ms':>16}{'rank imbalance':>17}{'MV':>15}"
-        f"{'dropped':>9}{'latency':>16}{'tok/s':>10}{'peak MiB':>10}"
+        f"{'dropped':>9}" + (f"{'fill':>8}" if padded else "")
+        + f"{'latency':>16}{'tok/s':>10}{'peak MiB':>10}"
     )
     sub = f"{'':<23}{'p50':>8}{'p95':>8}{'p50':>9}{'p95':>8}{'p50':>8}{'p95':>7}"
     lines = [head, sub]
@@ -592,7 +595,10 @@ def table(runs: list[dict]) -> str:
                 f"{_fmt(straggler['p50'], '8.3f')}{_fmt(straggler['p95'], '8.3f')}"
                 f"{_fmt(imbalance['p50'], '9.3f')}{_fmt(imbalance['p95'], '8.3f')}"
                 f"{_fmt(mv['p50'], '8.3f')}{_fmt(mv['p95'], '7.3f')}"
-                f"{_fmt(100 * s['dropped_fraction'], '8.2f')}%{latency:>16}"
+                f"{_fmt(100 * s['dropped_fraction'], '8.2f')}%"
+                + (f"{_fmt(100 * s['buffer_fill']['p50'], '7.1f')}%" if "buffer_fill" in s else "")
+                + (f"{'n/a':>8}" if padded and "buffer_fill" not in s else "")
+                + f"{latency:>16}"
                 + (f"{e2e['tokens_per_s']:10.1f}{e2e['peak_memory_mib']:10.0f}" if last else "")
             )
     return "\n".join(lines)

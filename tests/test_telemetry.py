@@ -102,6 +102,22 @@ def test_summarize_against_hand_computed_figures():
     assert overall["experts_ms"]["mean"] == pytest.approx((3 + 3 + 2) / 3)  # per-sample rank mean
     assert overall["tokens"] == 19 and overall["assignments"] == 22
     assert s["per_layer"][0]["samples"] == 3
+    assert "capacity" not in overall and "buffer_fill" not in overall  # dropless: no padding
+
+
+def test_summarize_reports_the_padded_buffer():
+    """DeepSpeed pads: each expert computes C slots per sending rank (2 ranks here), so the
+    buffer has E x 2 x C slots; report C and the share of slots holding a token."""
+    records = [
+        {**_record(0, 0, 0, 1.0, [6, 2]), "capacity": 6},  # received [6, 2, 3, 1] of 4 x 2 x 6
+        {**_record(1, 0, 0, 1.0, [3, 1]), "capacity": 6},
+        {**_record(0, 1, 0, 1.0, [2, 2]), "capacity": 1},  # [2, 2, 2, 2] of 4 x 2 x 1: all full
+        {**_record(1, 1, 0, 1.0, [2, 2]), "capacity": 1},
+    ]
+    s = summarize(records, topk=2)["all"]
+    assert s["capacity"]["max"] == 6 and s["capacity"]["mean"] == pytest.approx(3.5)
+    assert s["buffer_fill"]["p50"] == pytest.approx((12 / 48 + 1) / 2)
+    assert s["buffer_fill"]["max"] == pytest.approx(1.0)
 
 
 def test_join_ranks_orders_ranks_and_rejects_missing_ones():
