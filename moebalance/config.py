@@ -157,7 +157,7 @@ class LaserParams:
     eps_high: float = 0.9
     min_score_ratio: float = 0.0
     load_only: bool = False
-    rounds: int = 4
+    rounds: int = 3
     chunk_ratio: float = 0.3
     min_chunk: int = 16
     chunk_slack: float = 1.0

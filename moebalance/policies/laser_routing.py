@@ -286,8 +286,9 @@ def laser(
     approximation error of a big chunk is corrected by the smaller ones after it, as the
     sequential greedy corrects itself token by token. About log(T / min_chunk) / log(1 /
     (1 - chunk_ratio)) chunks (about 20 at 8K tokens with the defaults) of ``rounds`` vectorised
-    rounds each, then ``polish_rounds`` rounds of peak-lowering moves; no Python loop over
-    tokens and no host synchronisation. That round count, not the arithmetic, is what LASER
+    rounds each, then ``settle_rounds`` rounds of moves toward the water level and
+    ``polish_rounds`` rounds of peak-lowering moves (``_refine``); no Python loop over tokens
+    and no host synchronisation. That round count, not the arithmetic, is what LASER
     costs on CPU (see results/routers_cpu.md). ``load_only`` takes the closed form instead.
     """
     ctx = ctx or RoutingContext()
