@@ -135,7 +135,8 @@ class LaserParams:
         top_m: M, experts in the concentration measure (None = k).
         eps_high: top-M mass at or above which a token routes vanilla; > 1 expands every token.
         min_score_ratio: in [0, 1]; 0 disables trimming.
-        load_only: pool = all experts, scores ignored (the accuracy-agnostic lower bound, MV ~ 0).
+        load_only: pool = all experts, scores ignored: the accuracy-agnostic lower bound, solved
+            exactly (the least possible maximum load); the assignment fields below do not apply.
         rounds: proposal rounds per chunk of the vectorised assignment.
         chunk_ratio, min_chunk: tokens are assigned in chunks of ``chunk_ratio`` of those left
             (at least ``min_chunk``); see ``policies.laser_routing.laser``.
@@ -143,7 +144,7 @@ class LaserParams:
         proposal: which open candidates a token proposes to in each round: "least_pressure"
             (least loaded counting expected requests; mimics the sequential greedy, best with a
             small pool) or "proportional" (sampled in proportion to room / expected requests;
-            no herding when every token has the same large pool, as with ``load_only``).
+            no herding when many tokens share the same large pool).
         settle_rounds: after the assignment, rounds of bulk single-token moves from experts
             above the water level to candidates below it (0 disables).
         polish_rounds: then, rounds of single-token moves that lower the

@@ -440,7 +440,8 @@ def summarize(records: Sequence[dict], topk: int) -> dict[str, Any]:
     mean over ranks of each sample), ``dropped_fraction``, ``samples``, ``tokens``,
     ``assignments``; with a padded dispatch buffer (DeepSpeed) also ``capacity`` (C) and
     ``buffer_fill`` (tokens received / (E x EP x C): the share of the computed slots holding a
-    token; each expert computes C slots per sending rank). Warm-up records should be left out before (``records()`` does).
+    token; each expert computes C slots per sending rank). Warm-up records should be left out
+    before (``records()`` does).
     """
     samples = join_ranks(records)
     out: dict[str, Any] = {"all": _summary_of(samples, topk)}

@@ -508,6 +508,8 @@ def test_policies_are_deterministic_and_accept_half_precision(name):
         (lambda: TokenDropParams(drop_policy="lifo"), "drop_policy must be one of"),
         (lambda: route("token_drop", torch.zeros(2, 4), GateConfig(4, 2), {"gamma": 1}), "unknown TokenDropParams field"),
         (lambda: RoutingContext(ep_rank=2, ep_size=2), "ep_rank"),
+        (lambda: route("laser", torch.zeros(2, 8), GateConfig(8, 2), {"settle_rounds": -1}), "settle_rounds must be an integer >= 0"),
+        (lambda: LaserParams(polish_rounds=1.5), "polish_rounds must be an integer >= 0"),
     ],
 )
 def test_bad_input_gets_a_clear_error(call, match):

@@ -18,10 +18,10 @@ The paper's assignment is sequential over tokens (``laser_reference`` below, kep
 ``laser`` is the vectorised version. Tokens go in geometrically shrinking chunks; within a chunk,
 a few rounds of proposals against per-expert quotas derived from the water level (the smallest
 integer load at which the experts the pending tokens can reach absorb all pending assignments).
-See ``laser`` and ``_assign_chunk``. A few rounds of single-token moves from busier to idler
-candidates then lower the peak (``polish_rounds``, ``_lower_the_peak``): on the calibrated
-benchmark workloads the result has a lower max violation than the sequential greedy in every
-cell (results/routers_cpu.md). No Python loop over tokens, no host synchronisation.
+See ``laser`` and ``_assign_chunk``. Rounds of single-token moves from busier to idler
+candidates follow (``_refine``): bulk moves toward the water level (``settle_rounds``), then
+moves that lower the peak (``polish_rounds``). On the calibrated benchmark workloads the result
+has a lower max violation than the sequential greedy in every cell (results/routers_cpu.md). No Python loop over tokens, no host synchronisation.
 
 ``load_only`` (every pool = all experts) has an exact closed form instead: water-filling to the
 least possible maximum and McNaughton's wrap-around to deal the slots (``load_only_indices``).
@@ -90,10 +90,9 @@ def load_only_indices(
     (each expert at most T more, one per token) holds the T k assignments; every expert is
     filled to L - 1 and just enough of them to L (the least loaded first; ties from expert
     ``first_expert`` onwards, the calling EP rank's first local expert, so that ranks spread
-    the extra ones). The T k slots are then laid out expert
-    by expert and dealt to tokens column by column (McNaughton's wrap-around): slot j of token
-    t is position j T + t, so a token never gets an expert twice because no expert holds more
-    than T slots. The maximum load is the least possible, which the sequential greedy can only
+    the extra ones). The T k slots are then laid out expert by expert and dealt to tokens
+    column by column (McNaughton's wrap-around): slot j of token t is position j T + t, so a
+    token never gets an expert twice because no expert holds more than T slots. The maximum load is the least possible, which the sequential greedy can only
     match. Scores are ignored, as the load-only lower bound prescribes.
     """
     k, E = gate.topk, gate.num_experts
