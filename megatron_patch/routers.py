@@ -79,6 +79,7 @@ __all__ = [
     "BalancedRouter",
     "VanillaRouter",
     "LaserRouter",
+    "LaserFastRouter",
     "LoadOnlyRouter",
     "TokenDropRouter",
     "ExpandedDropRouter",
@@ -298,6 +299,12 @@ class LaserRouter(BalancedRouter):
     policy_name = "laser"
 
 
+class LaserFastRouter(BalancedRouter):
+    """LASER with the price assignment (about twice top-k's routing time; looser balance)."""
+
+    policy_name = "laser_fast"
+
+
 class LoadOnlyRouter(BalancedRouter):
     """Least-loaded over all experts, scores ignored (the imbalance lower bound)."""
 
@@ -318,5 +325,12 @@ class ExpandedDropRouter(BalancedRouter):
 
 ROUTER_CLASSES: dict[str, type[BalancedRouter]] = {
     cls.policy_name: cls
-    for cls in (VanillaRouter, LaserRouter, LoadOnlyRouter, TokenDropRouter, ExpandedDropRouter)
+    for cls in (
+        VanillaRouter,
+        LaserRouter,
+        LaserFastRouter,
+        LoadOnlyRouter,
+        TokenDropRouter,
+        ExpandedDropRouter,
+    )
 }

@@ -137,6 +137,14 @@ class LaserParams:
         min_score_ratio: in [0, 1]; 0 disables trimming.
         load_only: pool = all experts, scores ignored: the accuracy-agnostic lower bound, solved
             exactly (the least possible maximum load); the assignment fields below do not apply.
+        assignment: how flexible tokens get their k experts. "chunked" (default): chunks of
+            proposal rounds, then moves; balances at least as well as the paper's sequential
+            greedy on the benchmark workloads, at several thousand small tensor ops per call.
+            "price": a per-expert price found in ``price_rounds`` passes, each token taking the
+            k cheapest of its candidates (tie noise per token): a few dozen ops, about twice
+            vanilla top-k's time on CPU, a higher max violation (results/routers_cpu.md).
+        price_rounds: passes of the "price" assignment (>= 1); all but the last adjust prices.
+        rounds ... polish_rounds: tune the "chunked" assignment.
         rounds: proposal rounds per chunk of the vectorised assignment.
         chunk_ratio, min_chunk: tokens are assigned in chunks of ``chunk_ratio`` of those left
             (at least ``min_chunk``); see ``policies.laser_routing.laser``.
@@ -158,6 +166,8 @@ class LaserParams:
     eps_high: float = 0.9
     min_score_ratio: float = 0.0
     load_only: bool = False
+    assignment: str = "chunked"
+    price_rounds: int = 2
     rounds: int = 3
     chunk_ratio: float = 0.3
     min_chunk: int = 16
@@ -183,6 +193,14 @@ class LaserParams:
         _require(
             0.0 <= self.min_score_ratio <= 1.0,
             f"min_score_ratio must be in [0, 1], got {self.min_score_ratio!r}",
+        )
+        _require(
+            self.assignment in ("chunked", "price"),
+            f"assignment must be 'chunked' or 'price', got {self.assignment!r}",
+        )
+        _require(
+            isinstance(self.price_rounds, int) and self.price_rounds >= 1,
+            f"price_rounds must be an integer >= 1, got {self.price_rounds!r}",
         )
         _require(
             isinstance(self.rounds, int) and self.rounds >= 1,

@@ -16,7 +16,8 @@ profiled layer, the gate logits are generated once and every policy in
   recorded beside it because it is less disturbed by other jobs sharing the machine.
 
 ``laser_reference`` (the paper's sequential greedy, a Python loop over tokens) is run once at
-T <= 8192 for the balance comparison with the vectorised ``laser``.
+T <= 8192 for the balance comparison with the vectorised ``laser`` (and ``laser_fast``, the
+same pools with the price assignment).
 
 Expert parallelism is simulated with EP = 8: T is the number of tokens *per rank*; each of the 8
 ranks routes its own T tokens with its own ``RoutingContext(ep_rank=r, ep_size=8)`` (LASER with
@@ -161,7 +162,7 @@ def environment() -> dict:
 def check(routing: Routing, router: str, num_tokens: int, preset: WorkloadPreset) -> None:
     """The routing contract each router promises (a benchmark of wrong routings is worthless)."""
     k = preset.topk
-    exact_k = router in ("topk", "laser", "load_only", REFERENCE)
+    exact_k = router in ("topk", "laser", "laser_fast", "load_only", REFERENCE)
     check_routing(
         routing,
         num_tokens=num_tokens,
@@ -299,7 +300,7 @@ def markdown(records: list[dict], config: dict, env: dict) -> str:
         )
     by_key = {(r["preset"], r["num_tokens"], r["router"]): r for r in records}
     pairs = [
-        (by_key[(preset, tokens, "laser")], ref)
+        (by_key[(preset, tokens, "laser")], by_key.get((preset, tokens, "laser_fast")), ref)
         for (preset, tokens, router), ref in by_key.items()
         if router == REFERENCE
     ]
@@ -309,18 +310,20 @@ def markdown(records: list[dict], config: dict, env: dict) -> str:
             "## LASER: vectorised vs sequential reference (balance)",
             "",
             "Worst layer = the largest laser − reference MV over the layers (negative: the "
-            "vectorised LASER balances better on every layer).",
+            "vectorised LASER balances better on every layer). laser_fast (price assignment) "
+            "for comparison.",
             "",
             "| preset | T | laser MV per layer | reference MV per layer | laser I_agg "
-            "| reference I_agg | worst layer laser − reference MV |",
-            "|---|---:|---|---|---:|---:|---:|",
+            "| reference I_agg | worst layer laser − reference MV | laser_fast MV per layer |",
+            "|---|---:|---|---|---:|---:|---:|---|",
         ]
-        for fast, ref in pairs:
-            worst = max(a - b for a, b in zip(fast["max_violation"], ref["max_violation"]))
+        for vec, fast, ref in pairs:
+            worst = max(a - b for a, b in zip(vec["max_violation"], ref["max_violation"]))
+            fast_mv = _per_layer(fast["max_violation"]) if fast else "n/a"
             head.append(
-                f"| {fast['preset']} | {fast['num_tokens']} | "
-                f"{_per_layer(fast['max_violation'])} | {_per_layer(ref['max_violation'])} | "
-                f"{fast['i_agg']:.3f} | {ref['i_agg']:.3f} | {worst:+.4f} |"
+                f"| {vec['preset']} | {vec['num_tokens']} | "
+                f"{_per_layer(vec['max_violation'])} | {_per_layer(ref['max_violation'])} | "
+                f"{vec['i_agg']:.3f} | {ref['i_agg']:.3f} | {worst:+.4f} | {fast_mv} |"
             )
     return "\n".join(head) + "\n"
 

@@ -43,6 +43,7 @@ CASES = {
     "topk": ("topk", None, "local", {}),
     "laser": ("laser", None, "local", {}),
     "laser_global": ("laser", None, "global", {}),
+    "laser_fast_global": ("laser_fast", None, "global", {}),
     "token_drop": ("token_drop", DROP, "local", {}),
     "expanded_drop": ("expanded_drop", DROP, "local", {}),
     "expanded_drop_capped": (
@@ -555,6 +556,8 @@ def test_cases_exercise_what_they_claim(world, ep):
 
     assert total("topk", "rows_not_k") == 0 and total("topk", "differs_from_vanilla") == 0
     assert total("laser", "differs_from_vanilla") > 0 and total("laser", "rows_not_k") == 0
+    assert total("laser_fast_global", "differs_from_vanilla") > 0
+    assert total("laser_fast_global", "rows_not_k") == 0
     assert total("token_drop", "rows_not_k") > 0 and total("token_drop", "rows_more_than_k") == 0
     assert total("token_drop_decode", "differs_from_vanilla") == 0
     assert total("token_drop_used_token", "num_unused") > 0

@@ -34,6 +34,7 @@ LAYER_CASES = {
     "topk": ("topk", None, "local", False),
     "laser": ("laser", None, "local", False),
     "laser_global": ("laser", None, "global", False),
+    "laser_fast_global": ("laser_fast", None, "global", False),
     "token_drop": ("token_drop", {"capacity_factor": 1.0}, "local", False),
     "expanded_drop": ("expanded_drop", {"capacity_factor": 1.0}, "local", False),
     "laser_global_padded": ("laser", None, "global", True),
@@ -439,6 +440,8 @@ def test_balancing_routers_actually_change_routing(world, dispatcher):
     assert total("topk", "rows_not_k") == 0 and total("topk", "differs_from_vanilla") == 0
     assert total("laser", "differs_from_vanilla") > 0
     assert total("laser", "rows_not_k") == 0  # LASER keeps exactly k experts per token
+    assert total("laser_fast_global", "differs_from_vanilla") > 0
+    assert total("laser_fast_global", "rows_not_k") == 0
     assert total("token_drop", "rows_not_k") > 0  # tokens were dropped
     assert total("token_drop", "rows_more_than_k") == 0
     assert total("expanded_drop", "rows_not_k") > 0  # k changed per token

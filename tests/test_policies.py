@@ -19,6 +19,7 @@ from moebalance import (
     check_routing,
     route,
 )
+from moebalance import metrics
 from moebalance.policies import expanded_drop, laser, laser_reference, token_drop, topk
 from moebalance.policies.capacity import expert_capacity, keep_top_per_column, keep_top_per_group
 from moebalance.policies.gate import score_distribution
@@ -204,6 +205,116 @@ def test_laser_moves_on_a_token_subset_of_a_large_batch(seed):
     assert int(after.expert_load().max()) <= int(laser_reference(logits, gate).expert_load().max())
     moved = (after.routing_map != before.routing_map).any(dim=1)
     assert 0 < int(moved.sum()) <= max(REFINE_MIN_TOKENS, T // 8)
+
+
+# ---------------------------------------------------------------- LASER, price assignment
+FAST_GATES = [
+    dict(score_function="softmax"),
+    dict(score_function="softmax", pre_softmax=True),
+    dict(score_function="sigmoid", bias=True),
+    dict(score_function="softmax", num_groups=4, group_topk=2),
+]
+
+
+@given(
+    T=st.integers(1, 300),
+    spec=st.sampled_from(FAST_GATES),
+    k=st.integers(1, 4),
+    extra=st.integers(1, 6),
+    eps=st.floats(0.2, 1.5),
+    ratio=st.sampled_from([0.0, 0.3]),
+    rounds=st.integers(1, 4),
+    seed=st.integers(0, 10_000),
+    skew=st.floats(0, 4),
+    with_load=st.booleans(),
+)
+@SETTINGS
+def test_laser_fast_invariants(T, spec, k, extra, eps, ratio, rounds, seed, skew, with_load):
+    """The price assignment keeps LASER's contract: exactly k distinct experts per token, all
+    from the token's valid pool; skewed tokens exactly vanilla; the gate's own weights."""
+    from moebalance.policies.gate import select_topk, selection_scores
+
+    spec = dict(spec)
+    E = 16
+    bias = torch.randn(E, generator=torch.Generator().manual_seed(seed)) * 0.1 if spec.pop("bias", False) else None
+    if spec.get("group_topk"):
+        k = 2 * ((k + 1) // 2)  # a multiple of group_topk
+    gate = GateConfig(num_experts=E, topk=k, **spec)
+    c = min(k + extra, E)
+    if gate.group_topk:
+        c = min(c, E // gate.num_groups * gate.group_topk)
+    params = LaserParams(pool_size=c, eps_high=eps, min_score_ratio=ratio, price_rounds=rounds)
+    load = torch.randint(0, T + 1, (E,), generator=torch.Generator().manual_seed(seed)).float()
+    ctx = RoutingContext(expert_bias=bias, expert_load=load if with_load else None)
+    logits = logits_for(T, E, seed, skew)
+    r = route("laser_fast", logits, gate, params, ctx)
+    check_routing(r, num_tokens=T, num_slots=E, min_per_token=k, max_per_token=k)
+    pool = select_topk(selection_scores(logits, gate, bias), gate, c, sorted=True)
+    S = score_distribution(logits, gate)
+    pool_s = S.gather(1, pool)
+    ok = (pool_s >= ratio * pool_s.max(dim=1, keepdim=True)[0]) if ratio > 0 else torch.ones_like(pool_s, dtype=torch.bool)
+    ok[:, :k] = True
+    allowed = torch.zeros_like(r.routing_map).scatter_(1, pool, ok)
+    assert not (r.routing_map & ~allowed).any()
+    v = route("topk", logits, gate, ctx=ctx)
+    skewed = torch.topk(S, k, dim=1)[0].sum(1) >= eps
+    assert torch.equal(r.routing_map[skewed], v.routing_map[skewed])
+    assert torch.equal(r.probs[skewed], v.probs[skewed])
+    # weights are the gate's at the chosen experts (c = k would make this vanilla top-k)
+    idx = torch.topk(r.routing_map.int(), k, dim=1, sorted=False)[1]
+    from moebalance.policies.gate import gate_weights
+
+    want = torch.zeros_like(r.probs).scatter_(1, idx, gate_weights(logits, idx, gate))
+    torch.testing.assert_close(r.probs, want, atol=1e-6, rtol=1e-5)  # order of the sum
+    again = route("laser_fast", logits.clone(), gate, params, ctx)
+    assert torch.equal(again.routing_map, r.routing_map) and torch.equal(again.probs, r.probs)
+
+
+def _calibrated(T: int, layer_pos: int, seed: int = 0):
+    from moebalance.workloads import generate_logits, get_preset
+
+    preset = get_preset("olmoe")
+    return preset.gate(), generate_logits(preset, T, preset.layers[layer_pos], seed=seed)
+
+
+@pytest.mark.parametrize("layer_pos", [0, 1])
+def test_laser_fast_lands_near_the_water_level(layer_pos):
+    """On the calibrated OLMoE-like workload the prices bring every expert close to its
+    target (the water level of the flexible demand), far below vanilla's peak, and the
+    calibration pass helps: a wrong sign or step in the price update fails here."""
+    from moebalance.policies.laser_routing import capped_water_level, laser_plan
+
+    gate, logits = _calibrated(8192, layer_pos)
+    params = LaserParams(assignment="price")
+    plan = laser_plan(logits, gate, params, RoutingContext())
+    wanted = (plan.valid & plan.flexible.unsqueeze(1)).float()
+    demand = torch.zeros(gate.num_experts).index_add_(0, plan.pool_idx.reshape(-1), wanted.reshape(-1))
+    level = float(capped_water_level(plan.base, plan.flexible.sum().float() * gate.topk, demand))
+    peak = {
+        rounds: float(laser(logits, gate, LaserParams(assignment="price", price_rounds=rounds)).expert_load().max())
+        for rounds in (1, 2, 3)
+    }
+    vanilla = float(topk(logits, gate).expert_load().max())
+    assert peak[3] < peak[2] < peak[1] and peak[2] <= 1.15 * level, (peak, level)
+    assert vanilla > 2 * level
+
+
+def test_laser_fast_is_between_vanilla_and_the_greedy():
+    gate, logits = _calibrated(2048, 1)
+    mv = lambda r: float(metrics.max_violation(r.expert_load()))  # noqa: E731
+    fast = mv(route("laser_fast", logits, gate))
+    assert mv(laser_reference(logits, gate)) < fast < mv(topk(logits, gate)) / 10
+
+
+def test_tie_noise_is_fixed_and_cached():
+    from moebalance.policies.laser_routing import _tie_noise
+
+    a, a_sample = _tie_noise(100, 6, 4, torch.device("cpu"))
+    _tie_noise.cache_clear()
+    b, b_sample = _tie_noise(100, 6, 4, torch.device("cpu"))
+    assert torch.equal(a, b) and torch.equal(a_sample, a[::4]) and a_sample.is_contiguous()
+    assert torch.isfinite(a).all() and a.std() > 0.5  # Gumbel draws, not a constant
+    assert _tie_noise(100, 6, 4, torch.device("cpu"))[0] is b  # cached
 
 
 def test_laser_expert_load_shifts_choices_away():
@@ -480,7 +591,7 @@ def test_expanded_drop_at_ep1_is_expert_choice_and_max_experts_caps_rows():
 
 
 # ---------------------------------------------------------------- determinism, devices, errors
-@pytest.mark.parametrize("name", ["topk", "laser", "load_only", "token_drop", "expanded_drop"])
+@pytest.mark.parametrize("name", ["topk", "laser", "laser_fast", "load_only", "token_drop", "expanded_drop"])
 def test_policies_are_deterministic_and_accept_half_precision(name):
     gate = GateConfig(num_experts=16, topk=4)
     logits = logits_for(300, 16, 4, 2.0)
@@ -510,6 +621,8 @@ def test_policies_are_deterministic_and_accept_half_precision(name):
         (lambda: RoutingContext(ep_rank=2, ep_size=2), "ep_rank"),
         (lambda: route("laser", torch.zeros(2, 8), GateConfig(8, 2), {"settle_rounds": -1}), "settle_rounds must be an integer >= 0"),
         (lambda: LaserParams(polish_rounds=1.5), "polish_rounds must be an integer >= 0"),
+        (lambda: LaserParams(assignment="auction"), "assignment must be 'chunked' or 'price'"),
+        (lambda: route("laser_fast", torch.zeros(2, 8), GateConfig(8, 2), {"price_rounds": 0}), "price_rounds must be an integer >= 1"),
     ],
 )
 def test_bad_input_gets_a_clear_error(call, match):
@@ -517,7 +630,7 @@ def test_bad_input_gets_a_clear_error(call, match):
         call()
 
 
-@pytest.mark.parametrize("name", ["topk", "laser", "load_only", "token_drop", "expanded_drop"])
+@pytest.mark.parametrize("name", ["topk", "laser", "laser_fast", "load_only", "token_drop", "expanded_drop"])
 def test_zero_tokens_give_an_empty_routing(name):
     """A rank whose batch ran out still routes (and stays in lockstep)."""
     gate = GateConfig(num_experts=8, topk=2)

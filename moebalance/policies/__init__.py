@@ -71,6 +71,15 @@ POLICIES: dict[str, Policy] = {
             uses_expert_load=True,
         ),
         Policy(
+            "laser_fast",
+            laser,
+            LaserParams,
+            False,
+            "LASER with the price assignment: ~2x top-k time, looser balance",
+            (("assignment", "price"),),
+            uses_expert_load=True,
+        ),
+        Policy(
             "load_only",
             laser,
             LaserParams,

@@ -89,16 +89,24 @@ def select_topk(
     return torch.topk(scores, k=n, dim=1, sorted=sorted)[1]
 
 
-def gate_weights(logits: torch.Tensor, indices: torch.Tensor, gate: GateConfig) -> torch.Tensor:
+def gate_weights(
+    logits: torch.Tensor,
+    indices: torch.Tensor,
+    gate: GateConfig,
+    dist: torch.Tensor | None = None,
+) -> torch.Tensor:
     """[T, n] combine weights of the experts in ``indices`` [T, n], in the logits' dtype.
 
     softmax-post: softmax over the chosen logits; pre-softmax: the full softmax at the indices;
     sigmoid / sqrt-softplus: scores at the indices normalised over them (when topk > 1). Then
     ``scaling_factor``. Identical arithmetic to Megatron's ``precomputed_indices`` path.
+    ``dist``: ``score_distribution(logits, gate)`` when the caller has it already (pre-softmax
+    gates read the weights from it instead of computing the same softmax again).
     """
     if gate.score_function == "softmax":
         if gate.pre_softmax:
-            probs = torch.gather(torch.softmax(logits, dim=-1, dtype=torch.float32), 1, indices)
+            full = dist if dist is not None else torch.softmax(logits, dim=-1, dtype=torch.float32)
+            probs = torch.gather(full, 1, indices)
         else:
             probs = torch.softmax(torch.gather(logits, 1, indices), dim=-1, dtype=torch.float32)
     else:
