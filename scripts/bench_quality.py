@@ -67,6 +67,8 @@ def router_grid(topk: int) -> list[tuple[str, str, dict]]:
                      {"pool_size": 2 * topk, "min_score_ratio": ratio}))
     grid.append((f"laser c={2 * topk} eps_high=0.5 min_score_ratio=0.5", "laser",
                  {"pool_size": 2 * topk, "eps_high": 0.5, "min_score_ratio": 0.5}))
+    grid.append(("laser_fast eps_high=0.5 min_score_ratio=0.5", "laser_fast",
+                 {"eps_high": 0.5, "min_score_ratio": 0.5}))
     return grid
 
 

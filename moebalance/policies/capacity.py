@@ -119,16 +119,17 @@ def _priority(
     return torch.where(valid, pri, torch.full_like(pri, float("-inf")))
 
 
-def _vanilla(logits, gate, ctx) -> tuple[torch.Tensor, Routing]:
-    """Top-k indices [T, k] and the vanilla Routing built from them (Megatron's bits)."""
-    idx = topk_indices(logits, gate, ctx)
-    return idx, _vanilla_routing(logits, gate, idx)
+def _vanilla(logits, gate, ctx, dist=None) -> tuple[torch.Tensor, Routing]:
+    """Top-k indices [T, k] and the vanilla Routing built from them (Megatron's bits);
+    ``dist``: the score distribution when the caller has it (see ``topk_indices``)."""
+    idx = topk_indices(logits, gate, ctx, dist)
+    return idx, _vanilla_routing(logits, gate, idx, dist)
 
 
-def _vanilla_routing(logits, gate, idx) -> Routing:
+def _vanilla_routing(logits, gate, idx, dist=None) -> Routing:
     """The vanilla Routing of top-k indices ``idx`` [T, k]."""
     probs, routing_map = routing_from_indices(
-        idx, gate_weights(logits, idx, gate), gate.num_experts, like=logits
+        idx, gate_weights(logits, idx, gate, dist), gate.num_experts, like=logits
     )
     zero = torch.zeros((), dtype=torch.int64, device=logits.device)
     return Routing(probs, routing_map, num_dropped=zero)
@@ -149,7 +150,8 @@ def token_drop(
     """
     ctx = ctx or RoutingContext()
     params = params or TokenDropParams()
-    idx, base = _vanilla(logits, gate, ctx)
+    dist = score_distribution(logits, gate)  # computed once: ranking, selection and weights
+    idx, base = _vanilla(logits, gate, ctx, dist)
     if params.prefill_only and ctx.decode:
         return base
     T, E = base.routing_map.shape
@@ -161,7 +163,7 @@ def token_drop(
     else:
         group_capacity = capacity
     valid = torch.ones_like(idx, dtype=torch.bool)
-    pri = _priority(score_distribution(logits, gate), idx, valid, params.drop_policy, ctx.seed)
+    pri = _priority(dist, idx, valid, params.drop_policy, ctx.seed)
     kept = keep_top_per_group(idx, pri, group, group_capacity, E)
     keep = torch.zeros_like(base.routing_map).scatter_(1, idx, kept)
     probs = base.probs * keep  # (a float x bool product is the cheapest masking on CPU)
@@ -193,13 +195,13 @@ def expanded_drop(
     """
     ctx = ctx or RoutingContext()
     params = params or ExpandedDropParams()
-    idx = topk_indices(logits, gate, ctx)
+    scores = score_distribution(logits, gate)  # computed once: selection, ranking, weights
+    idx = topk_indices(logits, gate, ctx, scores)
     if params.prefill_only and ctx.decode:
-        return _vanilla_routing(logits, gate, idx)
+        return _vanilla_routing(logits, gate, idx, scores)
     T, E = logits.shape
     per_rank = E // ctx.ep_size
     lo, hi = ctx.ep_rank * per_rank, (ctx.ep_rank + 1) * per_rank
-    scores = score_distribution(logits, gate)
     capacity = expert_capacity(T, gate, params.capacity_factor)
     # a remote expert's candidates are the tokens whose top-k holds it: token drop among those
     remote = (idx < lo) | (idx >= hi)

@@ -11,8 +11,14 @@ from .gate import gate_weights, select_topk, selection_scores
 __all__ = ["topk_indices", "topk"]
 
 
-def topk_indices(logits: torch.Tensor, gate: GateConfig, ctx: RoutingContext) -> torch.Tensor:
-    """[T, k] int64: the experts vanilla top-k picks, in Megatron's order."""
+def topk_indices(
+    logits: torch.Tensor, gate: GateConfig, ctx: RoutingContext, dist: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[T, k] int64: the experts vanilla top-k picks, in Megatron's order. ``dist``: the
+    caller's ``score_distribution(logits, gate)``, reused as the selection scores of
+    pre-softmax gates (the same fp32 softmax) instead of computing it again."""
+    if dist is not None and gate.score_function == "softmax" and gate.pre_softmax:
+        return select_topk(dist, gate, gate.topk)
     return select_topk(selection_scores(logits, gate, ctx.expert_bias), gate, gate.topk)
 
 
