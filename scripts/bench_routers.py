@@ -59,7 +59,7 @@ from moebalance.workloads import PRESETS, WorkloadPreset, generate_logits, get_p
 
 FULL_TOKENS = (1024, 8192, 65536)
 QUICK_TOKENS = (1024, 8192)
-FULL_REPEATS = 5
+FULL_REPEATS = 15
 QUICK_REPEATS = 2
 REFERENCE = "laser_reference"
 REFERENCE_MAX_TOKENS = 8192  # the sequential greedy is a Python loop over tokens

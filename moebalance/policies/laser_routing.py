@@ -24,11 +24,11 @@ moves that lower the peak (``polish_rounds``). On the calibrated benchmark workl
 has a lower max violation than the sequential greedy in every cell (results/routers_cpu.md).
 No Python loop over tokens, no host synchronisation.
 
-That is several thousand small tensor ops per call (about 10x vanilla top-k on CPU at 8K
-tokens). ``assignment="price"`` (the ``laser_fast`` router, ``price_assign``) trades balance for
+That is several thousand small tensor ops per call (about 10x vanilla top-k's time on CPU at
+8K tokens). ``assignment="price"`` (the ``laser_fast`` router, ``price_assign``) trades balance for
 speed: one price per expert, calibrated in a couple of passes, each token taking the k cheapest
-of its candidates under fixed Gumbel tie noise; about 15 ops per pass, about twice vanilla's
-time, max violation a few percent above the water level instead of at it.
+of its candidates under fixed Gumbel tie noise; about 120 ops per call instead of 5,600, about
+twice vanilla's time, loads a few percent above the water level instead of at it.
 
 ``load_only`` (every pool = all experts) has an exact closed form instead: water-filling to the
 least possible maximum and McNaughton's wrap-around to deal the slots (``load_only_indices``).
