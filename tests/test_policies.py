@@ -270,6 +270,36 @@ def test_laser_fast_invariants(T, spec, k, extra, eps, ratio, rounds, seed, skew
     assert torch.equal(again.routing_map, r.routing_map) and torch.equal(again.probs, r.probs)
 
 
+@given(
+    T=st.integers(1, 500),
+    E=st.sampled_from([2, 8, 16, 64, 128]),
+    frac=st.floats(0.01, 1.0),
+    ties=st.sampled_from([0, 1, 4]),
+    largest=st.booleans(),
+    sorted_=st.booleans(),
+    with_inf=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+@SETTINGS
+def test_topk_nonnegative_equals_torch_topk(T, E, frac, ties, largest, sorted_, with_inf, seed):
+    """The int32-view top-k returns exactly torch.topk's values and indices on non-negative
+    floats, ties and +inf included (the policies' pools and price keys rely on it)."""
+    from moebalance.policies.gate import topk_nonnegative
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, E, generator=g) * 3
+    if ties:
+        x = (x * ties).round() / ties  # many exactly equal values
+    x = torch.softmax(x, dim=1) if seed % 2 else x.abs() + 0.0  # a softmax, or shifted keys
+    if with_inf:
+        x = x.masked_fill(torch.rand(T, E, generator=g) < 0.2, float("inf"))
+    n = max(1, min(E, int(frac * E)))
+    want = torch.topk(x, n, dim=1, largest=largest, sorted=sorted_)
+    got = topk_nonnegative(x, n, largest=largest, sorted=sorted_)
+    assert torch.equal(got[1], want.indices)
+    assert torch.equal(got[0], want.values)
+
+
 def _calibrated(T: int, layer_pos: int, seed: int = 0):
     from moebalance.workloads import generate_logits, get_preset
 

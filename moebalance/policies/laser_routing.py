@@ -43,7 +43,13 @@ import torch
 
 from ..config import GateConfig, LaserParams, RoutingContext
 from ..routing import Routing, routing_from_indices
-from .gate import gate_weights, score_distribution, select_topk, selection_scores
+from .gate import (
+    gate_weights,
+    score_distribution,
+    select_topk,
+    selection_scores,
+    topk_nonnegative,
+)
 
 __all__ = [
     "laser",
@@ -156,8 +162,8 @@ def laser_plan(
     if c == k:
         vanilla_idx = select_topk(sel, gate, k)
         pool_idx = vanilla_idx  # same call and order as vanilla: c = k reproduces it bit for bit
-    elif sel is dist and not gate.group_topk:
-        pool_vals, pool_idx = torch.topk(sel, c, dim=1, sorted=True)  # best first
+    elif sel is dist and not gate.group_topk:  # a softmax: non-negative
+        pool_vals, pool_idx = topk_nonnegative(sel, c, sorted=True)  # best first
         vanilla_idx = pool_idx[:, :k]
     else:
         pool_idx = select_topk(sel, gate, c, sorted=True)  # best first
@@ -390,7 +396,9 @@ def _tie_noise(rows: int, cols: int, step: int, device: torch.device) -> tuple[t
     call with the same shape reuses them."""
     gen = torch.Generator().manual_seed(0x1A5E)
     u = torch.rand((rows, cols), generator=gen, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
-    noise = torch.log(-torch.log(u)).float().to(device)
+    # log(-log u) lies in [-27.7, 3.4] for u in [1e-12, 1 - 1e-12]: shifted to be positive, so
+    # that keys (non-negative prices + noise) can use ``topk_nonnegative``
+    noise = (torch.log(-torch.log(u)) + 28.0).float().to(device)
     return noise, noise[::step].contiguous()
 
 
@@ -444,12 +452,13 @@ def price_assign(
         )
         log_target = torch.log((target * sample_demand / demand.clamp(min=1)).clamp(min=0.5))
         for _ in range(rounds - 1):
-            key = price.take(ids) + sample_noise
-            col = torch.topk(key, k, dim=1, largest=False, sorted=False)[1]
+            key = (price - price.min()).take(ids) + sample_noise  # >= 0
+            col = topk_nonnegative(key, k, largest=False, sorted=False)[1]
             load = torch.zeros_like(base).index_add_(0, ids.gather(1, col).reshape(-1), sample_weight)
             won = (load / sample_demand.clamp(min=1)).clamp(max=1 - 1 / PRICE_MAX_STEP)
             price = price + (torch.log(load.clamp(min=0.5)) - log_target) / (1 - won)
-    col = torch.topk(price.take(pool_idx) + noise, k, dim=1, largest=False, sorted=False)[1]
+    key = (price - price.min()).take(pool_idx) + noise  # >= 0
+    col = topk_nonnegative(key, k, largest=False, sorted=False)[1]
     return pool_idx.gather(1, col)
 
 
