@@ -15,6 +15,10 @@ profiled layer, the gate logits are generated once and every policy in
   each router is the warm-up. Wall time is the headline; process CPU time (all threads) is
   recorded beside it because it is less disturbed by other jobs sharing the machine.
 
+``topk_int_keys`` is vanilla top-k with the same decisions and weights, selecting as the
+balancing policies do (softmax computed once, ``topk_nonnegative``): a faster control, timed
+beside Megatron's own arithmetic (``topk``, the one the "x top-k" columns divide by).
+
 ``laser_reference`` (the paper's sequential greedy, a Python loop over tokens) is run once at
 T <= 8192 for the balance comparison with the vectorised ``laser`` (and ``laser_fast``, the
 same pools with the price assignment).
@@ -54,7 +58,9 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout even without `pip install 
 from moebalance import metrics  # noqa: E402
 from moebalance.config import ConfigError, LaserParams, RoutingContext  # noqa: E402
 from moebalance.policies import POLICIES, get_policy, laser_reference, route  # noqa: E402
-from moebalance.routing import Routing, check_routing  # noqa: E402
+from moebalance.policies.gate import gate_weights, score_distribution  # noqa: E402
+from moebalance.policies.topk_routing import topk_indices  # noqa: E402
+from moebalance.routing import Routing, check_routing, routing_from_indices  # noqa: E402
 from moebalance.workloads import PRESETS, WorkloadPreset, generate_logits, get_preset  # noqa: E402
 
 FULL_TOKENS = (1024, 8192, 65536)
@@ -62,6 +68,7 @@ QUICK_TOKENS = (1024, 8192)
 FULL_REPEATS = 15
 QUICK_REPEATS = 2
 REFERENCE = "laser_reference"
+INT_TOPK = "topk_int_keys"  # vanilla top-k selecting like the policies do: a faster control
 REFERENCE_MAX_TOKENS = 8192  # the sequential greedy is a Python loop over tokens
 EP_RANK, EP_SIZE = 0, 8
 
@@ -162,7 +169,7 @@ def environment() -> dict:
 def check(routing: Routing, router: str, num_tokens: int, preset: WorkloadPreset) -> None:
     """The routing contract each router promises (a benchmark of wrong routings is worthless)."""
     k = preset.topk
-    exact_k = router in ("topk", "laser", "laser_fast", "load_only", REFERENCE)
+    exact_k = router in ("topk", INT_TOPK, "laser", "laser_fast", "load_only", REFERENCE)
     check_routing(
         routing,
         num_tokens=num_tokens,
@@ -181,6 +188,23 @@ def layer_figures(routing: Routing, topk: int) -> dict:
         "dropped_fraction": float(metrics.dropped_fraction(routing, topk)),
         "experts_per_token": float(routing.experts_per_token().double().mean()),
     }
+
+
+def topk_int_keys(logits, gate, params=None, ctx=None) -> Routing:
+    """Vanilla top-k, same decisions and weights, but computing the softmax once and selecting
+    with ``topk_nonnegative`` as the balancing policies do (pre-softmax gates; otherwise the
+    same ops as ``topk``). Timed as a second, faster control."""
+    ctx = ctx or RoutingContext()
+    if not (gate.score_function == "softmax" and gate.pre_softmax):
+        return POLICIES["topk"].fn(logits, gate, None, ctx)  # nothing to gain
+    dist = score_distribution(logits, gate)
+    idx = topk_indices(logits, gate, ctx, dist)
+    probs, routing_map = routing_from_indices(
+        idx, gate_weights(logits, idx, gate, dist), gate.num_experts, like=logits
+    )
+    return Routing(
+        probs, routing_map, num_dropped=torch.zeros((), dtype=torch.int64, device=logits.device)
+    )
 
 
 def _ep_routing(fn, shards, gate, params, layer, router, preset) -> Routing:
@@ -209,16 +233,24 @@ def bench_layer(
     shards = all_logits.chunk(EP_SIZE)
     logits, ctx = shards[0], RoutingContext(ep_rank=EP_RANK, ep_size=EP_SIZE, layer=layer)
     params = {name: get_policy(name).params() for name in POLICIES}
+    fns = {name: policy.fn for name, policy in POLICIES.items()}
+    fns[INT_TOPK], params[INT_TOPK] = topk_int_keys, None
     out: dict[str, dict] = {}
     with torch.no_grad():
         for name in POLICIES:  # validated calls: correctness, figures, and the warm-up
             validated = lambda x, g, p, c, n=name: route(n, x, g, p, c)  # noqa: E731
             routing = _ep_routing(validated, shards, gate, params[name], layer, name, preset)
             out[name] = {**layer_figures(routing, preset.topk), "times": [], "cpu_times": []}
+        routing = _ep_routing(topk_int_keys, shards, gate, None, layer, INT_TOPK, preset)
+        vanilla = _ep_routing(POLICIES["topk"].fn, shards, gate, None, layer, "topk", preset)
+        if not (torch.equal(routing.routing_map, vanilla.routing_map)
+                and torch.equal(routing.probs, vanilla.probs)):
+            raise AssertionError(f"{INT_TOPK} routed differently from topk")
+        out[INT_TOPK] = {**layer_figures(routing, preset.topk), "times": [], "cpu_times": []}
         for _ in range(args.repeats):
-            for name, policy in POLICIES.items():
+            for name, fn in fns.items():
                 wall, cpu = time.perf_counter(), time.process_time()
-                policy.fn(logits, gate, params[name], ctx)
+                fn(logits, gate, params[name], ctx)
                 out[name]["times"].append(time.perf_counter() - wall)
                 out[name]["cpu_times"].append(time.process_time() - cpu)
         if num_tokens <= REFERENCE_MAX_TOKENS:
@@ -282,6 +314,8 @@ def markdown(records: list[dict], config: dict, env: dict) -> str:
         "time = sum over layers of the median routing time, and as a multiple of vanilla top-k "
         "on the same logits (wall; CPU = process CPU time, all threads). "
         f"laser_reference (sequential greedy) runs once, T <= {REFERENCE_MAX_TOKENS}. "
+        f"{INT_TOPK}: vanilla top-k's decisions computed as the policies select (softmax once, "
+        "int32-key top-k), a faster control; the × columns divide by topk (Megatron's ops). "
         f"T = tokens per rank; EP = {EP_SIZE} simulated: each rank routes its own T tokens with "
         "its own rank (capacities from its T, LASER with per-rank loads, expanded drop adding its "
         "local experts) and balance is over the summed global load; times are one rank's call. "
