@@ -141,8 +141,8 @@ class LaserParams:
             proposal rounds, then moves; balances at least as well as the paper's sequential
             greedy on the benchmark workloads, at several thousand small tensor ops per call.
             "price": a per-expert price found in ``price_rounds`` passes, each token taking the
-            k cheapest of its candidates (tie noise per token): about a hundred ops, about
-            twice vanilla top-k's time on CPU, a higher max violation (results/routers_cpu.md).
+            k cheapest of its candidates (tie noise per token): about a hundred ops, 1.4-1.8x
+            vanilla top-k's time on CPU, a higher max violation (results/routers_cpu.md).
         price_rounds: passes of the "price" assignment (>= 1); all but the last adjust prices.
         rounds ... polish_rounds: tune the "chunked" assignment.
         rounds: proposal rounds per chunk of the vectorised assignment.

@@ -27,8 +27,8 @@ No Python loop over tokens, no host synchronisation.
 That is several thousand small tensor ops per call (about 10x vanilla top-k's time on CPU at
 8K tokens). ``assignment="price"`` (the ``laser_fast`` router, ``price_assign``) trades balance for
 speed: one price per expert, calibrated in a couple of passes, each token taking the k cheapest
-of its candidates under fixed Gumbel tie noise; about 120 ops per call instead of 5,600, about
-twice vanilla's time, loads a few percent above the water level instead of at it.
+of its candidates under fixed Gumbel tie noise; about 120 ops per call instead of 5,600,
+1.4-1.8x vanilla's time, loads a few percent above the water level instead of at it.
 
 ``load_only`` (every pool = all experts) has an exact closed form instead: water-filling to the
 least possible maximum and McNaughton's wrap-around to deal the slots (``load_only_indices``).
@@ -391,8 +391,8 @@ PRICE_SAMPLE_MIN = 1024  # ... or all of them when that would be fewer than this
 
 @functools.lru_cache(maxsize=16)
 def _tie_noise(rows: int, cols: int, step: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """([rows, cols], its every ``step``-th row, contiguous): fixed negated Gumbel draws, the
-    same on every device (drawn on the CPU from a fixed seed, then moved); cached, as every
+    """([rows, cols], its every ``step``-th row, contiguous): fixed negated Gumbel draws plus a
+    constant that makes them positive, the same on every device (drawn on the CPU from a fixed seed, then moved); cached, as every
     call with the same shape reuses them."""
     gen = torch.Generator().manual_seed(0x1A5E)
     u = torch.rand((rows, cols), generator=gen, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
@@ -426,8 +426,8 @@ def price_assign(
     (a Newton step: with inclusion probability q, d log load / dp ~ -(1 - q); factor capped
     at ``PRICE_MAX_STEP``). The last pass, over all tokens, is the answer.
 
-    One top-k over [T, c] (or the sample) per pass, no loop over tokens, no host
-    synchronisation: about 15 tensor ops per pass. Loads land within a few percent of the
+    One top-k over [T, c] (or the sample) per pass, on keys shifted to be non-negative so
+    that ``topk_nonnegative`` applies; no loop over tokens, no host synchronisation: about 15 tensor ops per pass. Loads land within a few percent of the
     targets (sampling noise), not at the level exactly as the "chunked" assignment's do.
     """
     T, c = pool_idx.shape
