@@ -390,10 +390,12 @@ PRICE_SAMPLE_MIN = 1024  # ... or all of them when that would be fewer than this
 
 
 @functools.lru_cache(maxsize=16)
-def _tie_noise(rows: int, cols: int, step: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _tie_noise(
+    rows: int, cols: int, step: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """([rows, cols], its every ``step``-th row, contiguous): fixed negated Gumbel draws plus a
-    constant that makes them positive, the same on every device (drawn on the CPU from a fixed seed, then moved); cached, as every
-    call with the same shape reuses them."""
+    constant that makes them positive. The same on every device (drawn on the CPU from a fixed
+    seed, then moved); cached, as every call with the same shape reuses them."""
     gen = torch.Generator().manual_seed(0x1A5E)
     u = torch.rand((rows, cols), generator=gen, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
     # log(-log u) lies in [-27.7, 3.4] for u in [1e-12, 1 - 1e-12]: shifted to be positive, so
@@ -427,8 +429,9 @@ def price_assign(
     at ``PRICE_MAX_STEP``). The last pass, over all tokens, is the answer.
 
     One top-k over [T, c] (or the sample) per pass, on keys shifted to be non-negative so
-    that ``topk_nonnegative`` applies; no loop over tokens, no host synchronisation: about 15 tensor ops per pass. Loads land within a few percent of the
-    targets (sampling noise), not at the level exactly as the "chunked" assignment's do.
+    that ``topk_nonnegative`` applies; no loop over tokens, no host synchronisation: about
+    15 tensor ops per pass. Loads land within a few percent of the targets (calibration and
+    sampling error), not at the level exactly as the "chunked" assignment's do.
     """
     T, c = pool_idx.shape
     step = PRICE_SAMPLE_FRACTION if T // PRICE_SAMPLE_FRACTION >= PRICE_SAMPLE_MIN else 1
@@ -454,7 +457,8 @@ def price_assign(
         for _ in range(rounds - 1):
             key = (price - price.min()).take(ids) + sample_noise  # >= 0
             col = topk_nonnegative(key, k, largest=False, sorted=False)[1]
-            load = torch.zeros_like(base).index_add_(0, ids.gather(1, col).reshape(-1), sample_weight)
+            chosen = ids.gather(1, col).reshape(-1)
+            load = torch.zeros_like(base).index_add_(0, chosen, sample_weight)
             won = (load / sample_demand.clamp(min=1)).clamp(max=1 - 1 / PRICE_MAX_STEP)
             price = price + (torch.log(load.clamp(min=0.5)) - log_target) / (1 - won)
     key = (price - price.min()).take(pool_idx) + noise  # >= 0
