@@ -300,7 +300,7 @@ class LaserRouter(BalancedRouter):
 
 
 class LaserFastRouter(BalancedRouter):
-    """LASER with the price assignment (1.4-1.8x top-k's routing time on CPU; looser balance)."""
+    """LASER with the price assignment (1.3-1.6x top-k's routing time on CPU; looser balance)."""
 
     policy_name = "laser_fast"
 

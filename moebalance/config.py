@@ -140,10 +140,12 @@ class LaserParams:
         assignment: how flexible tokens get their k experts. "chunked" (default): chunks of
             proposal rounds, then moves; balances at least as well as the paper's sequential
             greedy on the benchmark workloads, at several thousand small tensor ops per call.
-            "price": a per-expert price found in ``price_rounds`` passes, each token taking the
-            k cheapest of its candidates (tie noise per token): about a hundred ops, 1.4-1.8x
-            vanilla top-k's time on CPU, a higher max violation (results/routers_cpu.md).
-        price_rounds: passes of the "price" assignment (>= 1); all but the last adjust prices.
+            "price": one price per expert, each token taking the k cheapest of its
+            candidates (tie noise per token): about a hundred ops, 1.3-1.6x vanilla top-k's
+            time on CPU, a higher max violation (results/routers_cpu.md).
+        price_rounds: passes of the "price" assignment (>= 1): the first uses prices computed
+            from the demand, each further one corrects them from the loads it measured
+            (2: tighter balance for one more top-k over [T, c]).
         rounds ... polish_rounds: tune the "chunked" assignment.
         rounds: proposal rounds per chunk of the vectorised assignment.
         chunk_ratio, min_chunk: tokens are assigned in chunks of ``chunk_ratio`` of those left
@@ -167,7 +169,7 @@ class LaserParams:
     min_score_ratio: float = 0.0
     load_only: bool = False
     assignment: str = "chunked"
-    price_rounds: int = 2
+    price_rounds: int = 1
     rounds: int = 3
     chunk_ratio: float = 0.3
     min_chunk: int = 16

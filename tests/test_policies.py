@@ -309,11 +309,12 @@ def _calibrated(T: int, layer_pos: int, seed: int = 0):
     return preset.gate(), generate_logits(preset, T, preset.layers[layer_pos], seed=seed)
 
 
-@pytest.mark.parametrize("layer_pos", [0, 1])
+@pytest.mark.parametrize("layer_pos", [0, 1, 2])
 def test_laser_fast_lands_near_the_water_level(layer_pos):
     """On the calibrated OLMoE-like workload the prices bring every expert close to its
-    target (the water level of the flexible demand), far below vanilla's peak, and the
-    calibration pass helps: a wrong sign or step in the price update fails here."""
+    target (the water level of the flexible demand), far below vanilla's peak, and a
+    calibration pass brings it closer: a wrong starting price, or a wrong sign or step in the
+    price update, fails here."""
     from moebalance.policies.laser_routing import capped_water_level, laser_plan
 
     gate, logits = _calibrated(8192, layer_pos)
@@ -327,7 +328,9 @@ def test_laser_fast_lands_near_the_water_level(layer_pos):
         params = LaserParams(assignment="price", price_rounds=rounds)
         peak[rounds] = float(laser(logits, gate, params).expert_load().max())
     vanilla = float(topk(logits, gate).expert_load().max())
-    assert peak[3] < peak[2] < peak[1] and peak[2] <= 1.15 * level, (peak, level)
+    # the starting prices alone land within 8% of the level, a Newton pass halves the gap
+    assert peak[1] <= 1.08 * level, (peak, level)
+    assert peak[2] <= 1.04 * level and peak[3] <= 1.04 * level, (peak, level)
     assert vanilla > 2 * level
 
 
@@ -341,12 +344,13 @@ def test_laser_fast_is_between_vanilla_and_the_greedy():
 def test_tie_noise_is_fixed_and_cached():
     from moebalance.policies.laser_routing import _tie_noise
 
-    a, a_sample = _tie_noise(100, 6, 4, torch.device("cpu"))
+    a = _tie_noise(100, 6, torch.device("cpu"))
     _tie_noise.cache_clear()
-    b, b_sample = _tie_noise(100, 6, 4, torch.device("cpu"))
-    assert torch.equal(a, b) and torch.equal(a_sample, a[::4]) and a_sample.is_contiguous()
-    assert torch.isfinite(a).all() and a.std() > 0.5  # Gumbel draws, not a constant
-    assert _tie_noise(100, 6, 4, torch.device("cpu"))[0] is b  # cached
+    b = _tie_noise(100, 6, torch.device("cpu"))
+    assert torch.equal(a, b)
+    assert torch.isfinite(a).all() and (a > 0).all()  # shifted positive for topk_nonnegative
+    assert a.std() > 0.5  # Gumbel draws, not a constant
+    assert _tie_noise(100, 6, torch.device("cpu")) is b  # cached
 
 
 def test_laser_expert_load_shifts_choices_away():
