@@ -110,8 +110,9 @@ def load_only_indices(
     ``first_expert`` onwards, the calling EP rank's first local expert, so that ranks spread
     the extra ones). The T k slots are then laid out expert by expert and dealt to tokens
     column by column (McNaughton's wrap-around): slot j of token t is position j T + t, so a
-    token never gets an expert twice because no expert holds more than T slots. The maximum load is the least possible, which the sequential greedy can only
-    match. Scores are ignored, as the load-only lower bound prescribes.
+    token never gets an expert twice because no expert holds more than T slots. The maximum
+    load is the least possible, which the sequential greedy can only match. Scores are
+    ignored, as the load-only lower bound prescribes.
     """
     k, E = gate.topk, gate.num_experts
     dev = base.device
@@ -446,16 +447,16 @@ def price_assign(
     price = -torch.log(-torch.log1p(-share))
     pair_weight = weight.repeat_interleave(k)
     log_target = torch.log(target.clamp(min=0.5))
-    for r in range(rounds):
+
+    def cheapest(price: torch.Tensor) -> torch.Tensor:  # [T, k] experts
         key = (price - price.min()).take(pool_idx) + noise  # >= 0
-        col = topk_nonnegative(key, k, largest=False, sorted=False)[1]
-        chosen = pool_idx.gather(1, col)
-        if r + 1 == rounds:
-            return chosen
-        load = torch.zeros_like(base).index_add_(0, chosen.reshape(-1), pair_weight)
+        return pool_idx.gather(1, topk_nonnegative(key, k, largest=False, sorted=False)[1])
+
+    for _ in range(rounds - 1):  # correcting passes
+        load = torch.zeros_like(base).index_add_(0, cheapest(price).reshape(-1), pair_weight)
         won = (load / demand.clamp(min=1)).clamp(max=1 - 1 / PRICE_MAX_STEP)
         price = price + (torch.log(load.clamp(min=0.5)) - log_target) / (1 - won)
-    raise AssertionError("rounds >= 1")  # LaserParams validates it
+    return cheapest(price)
 
 
 REFINE_MIN_TOKENS = 1024  # the moves after the assignment consider at least this many tokens
