@@ -137,29 +137,20 @@ class LaserParams:
         min_score_ratio: in [0, 1]; 0 disables trimming.
         load_only: pool = all experts, scores ignored: the accuracy-agnostic lower bound, solved
             exactly (the least possible maximum load); the assignment fields below do not apply.
-        assignment: how flexible tokens get their k experts. "chunked" (default): chunks of
-            proposal rounds, then moves; balances at least as well as the paper's sequential
-            greedy on the benchmark workloads, at several thousand small tensor ops per call.
-            "price": one price per expert, each token taking the k cheapest of its
-            candidates (tie noise per token): about a hundred ops, 1.3-1.6x vanilla top-k's
-            time on CPU, a higher max violation (results/routers_cpu.md).
+        assignment: how flexible tokens get their k experts. "blocked" (default): tokens
+            priced in shrinking blocks, then repair rounds toward the water level; balances at
+            least as well as the paper's sequential greedy on the benchmark workloads, about
+            1.7-2x vanilla top-k's time on CPU. "price": one price pass over all tokens,
+            1.3-1.6x vanilla's time, loads a few percent above the water level
+            (results/routers_cpu.md; ``policies.laser_routing``).
+        block_ratio, min_block: the "blocked" assignment prices ``block_ratio`` of the tokens
+            left at a time (at least ``min_block``); smaller blocks balance tighter and cost
+            about 20 tensor ops each (``policies.laser_routing.block_bounds``).
+        repair_rounds: rounds of moves from experts above the water level to candidates with
+            room after the "blocked" pricing (0 disables).
         price_rounds: passes of the "price" assignment (>= 1): the first uses prices computed
             from the demand, each further one corrects them from the loads it measured
             (2: tighter balance for one more top-k over [T, c]).
-        rounds ... polish_rounds: tune the "chunked" assignment.
-        rounds: proposal rounds per chunk of the vectorised assignment.
-        chunk_ratio, min_chunk: tokens are assigned in chunks of ``chunk_ratio`` of those left
-            (at least ``min_chunk``); see ``policies.laser_routing.laser``.
-        chunk_slack: >= 1, how far past its share of each expert's room a chunk may fill.
-        proposal: which open candidates a token proposes to in each round: "least_pressure"
-            (least loaded counting expected requests; mimics the sequential greedy, best with a
-            small pool) or "proportional" (sampled in proportion to room / expected requests;
-            no herding when many tokens share the same large pool).
-        settle_rounds: after the assignment, rounds of bulk single-token moves from experts
-            above the water level to candidates below it (0 disables).
-        polish_rounds: then, rounds of single-token moves that lower the
-            maximum load by one each when every expert at the maximum can hand a token to a
-            candidate loaded at least two less (0 disables).
         per_layer: optional {layer_index: {field: value}} overrides, resolved with ``for_layer``.
     """
 
@@ -168,15 +159,11 @@ class LaserParams:
     eps_high: float = 0.9
     min_score_ratio: float = 0.0
     load_only: bool = False
-    assignment: str = "chunked"
+    assignment: str = "blocked"
+    block_ratio: float = 0.4
+    min_block: int = 32
+    repair_rounds: int = 2
     price_rounds: int = 1
-    rounds: int = 3
-    chunk_ratio: float = 0.3
-    min_chunk: int = 16
-    chunk_slack: float = 1.0
-    proposal: str = "least_pressure"
-    settle_rounds: int = 6
-    polish_rounds: int = 4
     per_layer: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -197,40 +184,24 @@ class LaserParams:
             f"min_score_ratio must be in [0, 1], got {self.min_score_ratio!r}",
         )
         _require(
-            self.assignment in ("chunked", "price"),
-            f"assignment must be 'chunked' or 'price', got {self.assignment!r}",
+            self.assignment in ("blocked", "price"),
+            f"assignment must be 'blocked' or 'price', got {self.assignment!r}",
+        )
+        _require(
+            isinstance(self.block_ratio, (int, float)) and 0 < self.block_ratio <= 1,
+            f"block_ratio must be in (0, 1], got {self.block_ratio!r}",
+        )
+        _require(
+            isinstance(self.min_block, int) and self.min_block >= 1,
+            f"min_block must be an integer >= 1, got {self.min_block!r}",
+        )
+        _require(
+            isinstance(self.repair_rounds, int) and self.repair_rounds >= 0,
+            f"repair_rounds must be an integer >= 0, got {self.repair_rounds!r}",
         )
         _require(
             isinstance(self.price_rounds, int) and self.price_rounds >= 1,
             f"price_rounds must be an integer >= 1, got {self.price_rounds!r}",
-        )
-        _require(
-            isinstance(self.rounds, int) and self.rounds >= 1,
-            f"rounds must be an integer >= 1, got {self.rounds!r}",
-        )
-        _require(
-            0 < self.chunk_ratio <= 1,
-            f"chunk_ratio must be in (0, 1], got {self.chunk_ratio!r}",
-        )
-        _require(
-            self.proposal in ("least_pressure", "proportional"),
-            f"proposal must be 'least_pressure' or 'proportional', got {self.proposal!r}",
-        )
-        _require(
-            isinstance(self.settle_rounds, int) and self.settle_rounds >= 0,
-            f"settle_rounds must be an integer >= 0, got {self.settle_rounds!r}",
-        )
-        _require(
-            isinstance(self.polish_rounds, int) and self.polish_rounds >= 0,
-            f"polish_rounds must be an integer >= 0, got {self.polish_rounds!r}",
-        )
-        _require(
-            self.chunk_slack >= 1.0,
-            f"chunk_slack must be >= 1, got {self.chunk_slack!r}",
-        )
-        _require(
-            isinstance(self.min_chunk, int) and self.min_chunk >= 1,
-            f"min_chunk must be an integer >= 1, got {self.min_chunk!r}",
         )
         for layer, over in self.per_layer.items():
             names = {f.name for f in fields(self)}

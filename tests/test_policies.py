@@ -23,11 +23,11 @@ from moebalance import metrics
 from moebalance.policies import expanded_drop, laser, laser_reference, token_drop, topk
 from moebalance.policies.capacity import expert_capacity, keep_top_per_column, keep_top_per_group
 from moebalance.policies.gate import score_distribution
-from moebalance.policies.laser_routing import capped_water_level, water_level
+from moebalance.policies.laser_routing import block_bounds, blocked_assign, capped_water_level, laser_plan
 
 megatron_moe_utils = pytest.importorskip("megatron.core.transformer.moe.moe_utils")
 
-SETTINGS = settings(max_examples=40, deadline=None)
+SETTINGS = settings(max_examples=int(__import__("os").environ.get("HYP_EXAMPLES", 40)), deadline=None)
 
 
 def logits_for(T: int, E: int, seed: int, skew: float = 1.0, dtype=torch.float32) -> torch.Tensor:
@@ -159,52 +159,71 @@ def test_fast_laser_balances_close_to_sequential(T, seed, skew):
 @given(
     T=st.integers(1, 300),
     E=st.sampled_from([8, 16, 64]),
+    extra=st.integers(1, 8),
     seed=st.integers(0, 10_000),
     skew=st.floats(0, 4),
-    rounds=st.integers(1, 8),
-    settle=st.integers(0, 6),
+    rounds=st.integers(1, 6),
+    ratio=st.sampled_from([0.3, 0.5, 1.0]),
+    min_block=st.integers(1, 64),
+    trim=st.sampled_from([0.0, 0.3]),
     with_load=st.booleans(),
 )
 @SETTINGS
-def test_laser_moves_after_assignment_never_raise_the_maximum(
-    T, E, seed, skew, rounds, settle, with_load
+def test_laser_repair_never_raises_the_maximum(
+    T, E, extra, seed, skew, rounds, ratio, min_block, trim, with_load
 ):
-    """Settling toward the water level and lowering the peak keep the contract and never
-    raise the maximum load of the chunked assignment."""
+    """The repair rounds after the blocked pricing keep the contract (k distinct experts per
+    token, all from its trimmed pool, skewed tokens untouched) and never raise the maximum
+    load: destinations stay at or below their cap (itself at most the water level, which
+    no assignment can beat) or, passing the excess on, at or below the current maximum."""
     k = E // 8 + 1
+    c = min(k + extra, E)
     gate = GateConfig(num_experts=E, topk=k)
     logits = logits_for(T, E, seed, skew)
     load = torch.randint(0, T // 4 + 1, (E,), generator=torch.Generator().manual_seed(seed))
     ctx = RoutingContext(expert_load=load if with_load else None)
-    before = laser(logits, gate, LaserParams(eps_high=0.8, settle_rounds=0, polish_rounds=0), ctx)
-    params = LaserParams(eps_high=0.8, settle_rounds=settle, polish_rounds=rounds)
-    after = laser(logits, gate, params, ctx)
+    common = dict(pool_size=c, eps_high=0.8, min_score_ratio=trim, block_ratio=ratio, min_block=min_block)
+    before = laser(logits, gate, LaserParams(repair_rounds=0, **common), ctx)
+    after = laser(logits, gate, LaserParams(repair_rounds=rounds, **common), ctx)
     check_routing(after, min_per_token=k, max_per_token=k)
-    pool = torch.topk(logits, 2 * k, dim=1)[1]
-    in_pool = torch.zeros_like(after.routing_map).scatter_(1, pool, True)
-    assert not (after.routing_map & ~in_pool).any()
+    plan = laser_plan(logits, gate, LaserParams(repair_rounds=rounds, **common), ctx)
+    allowed = torch.zeros_like(after.routing_map).scatter_(1, plan.pool_idx, plan.valid)
+    assert not (after.routing_map & ~allowed).any()
+    skewed = ~plan.flexible
+    assert torch.equal(after.routing_map[skewed], before.routing_map[skewed])
     base = load if with_load else torch.zeros(E, dtype=torch.int64)
     assert int((base + after.expert_load()).max()) <= int((base + before.expert_load()).max())
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_laser_moves_on_a_token_subset_of_a_large_batch(seed):
-    """Past REFINE_MIN_TOKENS tokens the moves run on a fixed-size subset, scattered back."""
-    from moebalance.policies.laser_routing import REFINE_MIN_TOKENS
+@pytest.mark.parametrize("T", [1, 255, 3000])
+def test_blocked_assignment_prices_every_token_once(T):
+    """Blocks cover the batch in order; every token takes k distinct experts of its pool."""
+    bounds = block_bounds(T, 0.4, 32)
+    assert bounds[0][0] == 0 and bounds[-1][1] == T
+    assert all(a < b and b == a2 for (a, b), (a2, _) in zip(bounds, bounds[1:] + [(T, T)]))
+    E, k = 64, 8
+    gen = torch.Generator().manual_seed(T)
+    pool = torch.rand(T, E, generator=gen).argsort(dim=1)[:, :16]
+    idx = blocked_assign(pool, None, torch.ones(T, dtype=torch.bool), torch.zeros(E), k)
+    assert idx.shape == (T, k)
+    assert (idx.sort(dim=1)[0].diff(dim=1) > 0).all()  # distinct
+    assert (idx.unsqueeze(2) == pool.unsqueeze(1)).any(2).all()  # from the pool
 
-    E, k, T = 64, 8, 3 * REFINE_MIN_TOKENS
-    gate = GateConfig(num_experts=E, topk=k)
-    logits = logits_for(T, E, seed, 3.0)
-    plain = LaserParams(settle_rounds=0, polish_rounds=0)
-    before = laser(logits, gate, plain, RoutingContext())
-    after = laser(logits, gate, LaserParams(), RoutingContext())
-    check_routing(after, min_per_token=k, max_per_token=k)
-    in_pool = torch.zeros_like(after.routing_map).scatter_(1, torch.topk(logits, 2 * k, dim=1)[1], True)
-    assert not (after.routing_map & ~in_pool).any()
-    assert int(after.expert_load().max()) <= int(before.expert_load().max())
-    assert int(after.expert_load().max()) <= int(laser_reference(logits, gate).expert_load().max())
-    moved = (after.routing_map != before.routing_map).any(dim=1)
-    assert 0 < int(moved.sum()) <= max(REFINE_MIN_TOKENS, T // 8)
+
+@pytest.mark.parametrize("preset_name", ["olmoe", "deepseek"])
+@pytest.mark.parametrize("layer_pos", [0, 2])
+def test_laser_balances_at_least_as_well_as_the_greedy(preset_name, layer_pos):
+    """The paper's sequential greedy sets the bar on calibrated workloads: the vectorised
+    assignment's maximum load is never above it (the benchmark checks every cell, EP 8)."""
+    from moebalance.workloads import generate_logits, get_preset
+
+    preset = get_preset(preset_name)
+    gate = preset.gate()
+    for seed in (0, 1):
+        logits = generate_logits(preset, 1024, preset.layers[layer_pos], seed=seed)
+        fast = laser(logits, gate).expert_load()
+        greedy = laser_reference(logits, gate).expert_load()
+        assert int(fast.max()) <= int(greedy.max()), (seed, int(fast.max()), int(greedy.max()))
 
 
 # ---------------------------------------------------------------- LASER, price assignment
@@ -341,16 +360,19 @@ def test_laser_fast_is_between_vanilla_and_the_greedy():
     assert mv(laser_reference(logits, gate)) < fast < mv(topk(logits, gate)) / 10
 
 
-def test_tie_noise_is_fixed_and_cached():
-    from moebalance.policies.laser_routing import _tie_noise
+def test_fixed_noise_is_a_prefix_of_one_table():
+    """Row t of the tie noise is the same whatever batch size asked for it, on every call."""
+    from moebalance.policies import laser_routing
 
-    a = _tie_noise(100, 6, torch.device("cpu"))
-    _tie_noise.cache_clear()
-    b = _tie_noise(100, 6, torch.device("cpu"))
-    assert torch.equal(a, b)
-    assert torch.isfinite(a).all() and (a > 0).all()  # shifted positive for topk_nonnegative
-    assert a.std() > 0.5  # Gumbel draws, not a constant
-    assert _tie_noise(100, 6, torch.device("cpu")) is b  # cached
+    cpu = torch.device("cpu")
+    small = laser_routing._fixed_noise(100, 6, cpu, 123).clone()
+    laser_routing._NOISE.clear()
+    big = laser_routing._fixed_noise(5000, 6, cpu, 123)
+    assert torch.equal(big[:100], small)
+    assert laser_routing._fixed_noise(300, 6, cpu, 123).data_ptr() == big.data_ptr()  # reused
+    assert torch.isfinite(big).all() and (big > 0).all()  # shifted positive: int32 keys
+    assert big.std() > 0.5  # Gumbel draws, not a constant
+    assert not torch.equal(laser_routing._fixed_noise(100, 6, cpu, 124), small)  # per seed
 
 
 def test_laser_expert_load_shifts_choices_away():
@@ -370,26 +392,6 @@ def test_laser_per_layer_parameters():
     logits = logits_for(100, 8, 0, skew=3.0)
     r = route("laser", logits, gate, p, RoutingContext(layer=2))
     assert torch.equal(r.routing_map, topk(logits, gate).routing_map)
-
-
-@given(
-    base=st.lists(st.integers(0, 50), min_size=1, max_size=12),
-    need=st.integers(0, 300),
-    mask_seed=st.integers(0, 1000),
-)
-@SETTINGS
-def test_water_level_matches_brute_force(base, need, mask_seed):
-    b = torch.tensor(base, dtype=torch.float32)
-    reach = torch.rand(len(base), generator=torch.Generator().manual_seed(mask_seed)) < 0.7
-    got = float(water_level(b, torch.tensor(float(need)), reach))
-    if not reach.any():
-        assert math.isinf(got) or need == 0
-        return
-    rb = [x for x, r in zip(base, reach.tolist()) if r]
-    L = min(rb)
-    while sum(max(0, L - x) for x in rb) < need:
-        L += 1
-    assert got == L
 
 
 @given(
@@ -655,9 +657,10 @@ def test_policies_are_deterministic_and_accept_half_precision(name):
         (lambda: TokenDropParams(drop_policy="lifo"), "drop_policy must be one of"),
         (lambda: route("token_drop", torch.zeros(2, 4), GateConfig(4, 2), {"gamma": 1}), "unknown TokenDropParams field"),
         (lambda: RoutingContext(ep_rank=2, ep_size=2), "ep_rank"),
-        (lambda: route("laser", torch.zeros(2, 8), GateConfig(8, 2), {"settle_rounds": -1}), "settle_rounds must be an integer >= 0"),
-        (lambda: LaserParams(polish_rounds=1.5), "polish_rounds must be an integer >= 0"),
-        (lambda: LaserParams(assignment="auction"), "assignment must be 'chunked' or 'price'"),
+        (lambda: route("laser", torch.zeros(2, 8), GateConfig(8, 2), {"repair_rounds": -1}), "repair_rounds must be an integer >= 0"),
+        (lambda: LaserParams(min_block=1.5), "min_block must be an integer >= 1"),
+        (lambda: LaserParams(block_ratio=0), "block_ratio must be in \\(0, 1\\]"),
+        (lambda: LaserParams(assignment="auction"), "assignment must be 'blocked' or 'price'"),
         (lambda: route("laser_fast", torch.zeros(2, 8), GateConfig(8, 2), {"price_rounds": 0}), "price_rounds must be an integer >= 1"),
     ],
 )

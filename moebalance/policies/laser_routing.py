@@ -15,20 +15,17 @@ details the paper leaves open:
    softmax-post gates), so c = k is exactly vanilla top-k.
 
 The paper's assignment is sequential over tokens (``laser_reference`` below, kept for tests).
-``laser`` is the vectorised version. Tokens go in geometrically shrinking chunks; within a chunk,
-a few rounds of proposals against per-expert quotas derived from the water level (the smallest
-integer load at which the experts the pending tokens can reach absorb all pending assignments).
-See ``laser`` and ``_assign_chunk``. Rounds of single-token moves from busier to idler
-candidates follow (``_refine``): bulk moves toward the water level (``settle_rounds``), then
-moves that lower the peak (``polish_rounds``). On the calibrated benchmark workloads the result
-has a lower max violation than the sequential greedy in every cell (results/routers_cpu.md).
-No Python loop over tokens, no host synchronisation.
+The vectorised assignments aim at the same thing, the least possible maximum load, without a
+loop over tokens or a host synchronisation:
 
-That is several thousand small tensor ops per call (about 10x vanilla top-k's time on CPU at
-8K tokens). ``assignment="price"`` (the ``laser_fast`` router, ``price_assign``) trades balance for
-speed: one price per expert, computed from the demand, each token taking the k cheapest of
-its candidates under fixed Gumbel tie noise; about 100 ops per call instead of 5,600,
-1.3-1.6x vanilla's time, loads a few percent above the water level instead of at it.
+- ``assignment="blocked"`` (the ``laser`` router, ``blocked_assign``): tokens are priced in
+  geometrically shrinking blocks, each block taking its k cheapest candidates at prices set
+  from the room the blocks before it left; then a few repair rounds move tokens from experts
+  above the water level to candidates with room, directly or through one other expert. On
+  the calibrated benchmark workloads it balances at least as well as the sequential greedy
+  in every cell (results/routers_cpu.md), at about 2x vanilla top-k's time on CPU.
+- ``assignment="price"`` (the ``laser_fast`` router, ``price_assign``): one price pass over
+  all tokens: 1.3-1.6x vanilla's time, loads a few percent above the water level.
 
 ``load_only`` (every pool = all experts) has an exact closed form instead: water-filling to the
 least possible maximum and McNaughton's wrap-around to deal the slots (``load_only_indices``).
@@ -36,7 +33,7 @@ least possible maximum and McNaughton's wrap-around to deal the slots (``load_on
 
 from __future__ import annotations
 
-import functools
+import threading
 from typing import NamedTuple
 
 import torch
@@ -54,30 +51,14 @@ from .gate import (
 __all__ = [
     "laser",
     "laser_reference",
-    "water_level",
     "capped_water_level",
     "load_only_indices",
     "laser_plan",
     "LaserPlan",
+    "blocked_assign",
     "price_assign",
+    "block_bounds",
 ]
-
-
-def water_level(base: torch.Tensor, need: torch.Tensor, reachable: torch.Tensor) -> torch.Tensor:
-    """Smallest integer L with sum_e max(0, L - base_e) >= need over reachable experts.
-
-    base: [E] float loads; need: 0-dim float; reachable: [E] bool. Returns 0-dim float
-    (+inf if nothing is reachable and need > 0). Vectorised over the E candidate fill counts.
-    """
-    b = torch.where(reachable, base, torch.full_like(base, float("inf")))
-    b_sorted, _ = torch.sort(b)
-    m = torch.arange(1, b.numel() + 1, device=b.device, dtype=b.dtype)
-    # prefix sums with inf kept out of the arithmetic; inf entries make their candidate inf.
-    finite = torch.isfinite(b_sorted)
-    prefix = torch.cumsum(torch.where(finite, b_sorted, torch.zeros_like(b_sorted)), dim=0)
-    cand = torch.maximum(torch.ceil((need + prefix) / m), torch.ceil(b_sorted))
-    cand = torch.where(finite, cand, torch.full_like(cand, float("inf")))
-    return cand.min()
 
 
 def capped_water_level(base: torch.Tensor, need: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
@@ -199,12 +180,34 @@ def laser_plan(
     return LaserPlan(vanilla_idx, flexible, pool_idx, valid, base + fixed_counts, dist)
 
 
-def _compact(chosen: torch.Tensor, pool_idx: torch.Tensor, k: int) -> torch.Tensor:
-    """[T, k] pool entries marked in ``chosen`` [T, c] (exactly k per row), in pool order."""
-    slot = torch.cumsum(chosen, dim=1) - 1  # output position of each chosen entry
-    slot = torch.where(chosen, slot, torch.full_like(slot, k))  # unchosen -> spill column k
-    out = torch.zeros(pool_idx.shape[0], k + 1, dtype=pool_idx.dtype, device=pool_idx.device)
-    return out.scatter_(1, slot, pool_idx)[:, :k]
+TIE_SEED = 0x1A5E  # the pricing passes' tie noise
+REPAIR_SEED = 0x5EED  # the repair rounds' choices
+_NOISE: dict[tuple, torch.Tensor] = {}
+_NOISE_LOCK = threading.Lock()
+
+
+def _fixed_noise(rows: int, cols: int, device: torch.device, seed: int) -> torch.Tensor:
+    """[rows, cols] fixed negated Gumbel draws shifted to be positive (in [0.3, 31.4]).
+
+    Drawn on the CPU from ``seed`` in row-major order and moved to ``device``: the same values
+    on every device, and row t is the same whatever ``rows`` a call asks for (a table grown on
+    demand and sliced), so batches of different sizes share one table per (cols, device).
+    """
+    key = (seed, cols, str(device))
+    table = _NOISE.get(key)
+    if table is None or table.shape[0] < rows:
+        with _NOISE_LOCK:
+            table = _NOISE.get(key)
+            if table is None or table.shape[0] < rows:
+                n = max(rows, 1024, 2 * (0 if table is None else table.shape[0]))
+                gen = torch.Generator().manual_seed(seed)
+                u = torch.rand((n, cols), generator=gen, dtype=torch.float64)
+                u = u.clamp(1e-12, 1 - 1e-12)
+                # log(-log u) lies in [-27.7, 3.4]: shifted to be positive, so that keys
+                # (non-negative prices + noise) can use the int32 view of the floats
+                table = (torch.log(-torch.log(u)) + 28.0).float().to(device)
+                _NOISE[key] = table
+    return table[:rows]
 
 
 def _finish(logits, gate, vanilla_idx, flexible, chosen_idx, dist=None) -> Routing:
@@ -215,96 +218,190 @@ def _finish(logits, gate, vanilla_idx, flexible, chosen_idx, dist=None) -> Routi
     return Routing(probs, routing_map, num_dropped=torch.zeros((), dtype=torch.int64, device=logits.device))
 
 
-def _hash_unit(token: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
-    """Deterministic pseudo-random numbers in [0, 1) per (token, expert) pair (integer hash)."""
-    h = (token * 2654435761 + expert * 40503 + 12345) % 4294967296
-    h = (h ^ (h >> 15)) * 2246822519 % 4294967296
-    return (h % 65536).float() / 65536.0
+PRICE_SHIFT = 34.7  # keeps every key >= 0 and the "must take" experts below all others
+REPAIR_FRACTION = 8  # each repair round moves tokens of 1 / REPAIR_FRACTION of the batch ...
+REPAIR_MIN_TOKENS = 256  # ... and of at least this many
+_INF = float("inf")
 
 
-def _chunks(num_tokens: int, ratio: float, min_chunk: int) -> list[tuple[int, int]]:
-    """Geometrically shrinking token ranges: each takes ``ratio`` of what is left (>= min_chunk)."""
+def block_bounds(num_tokens: int, ratio: float, min_block: int) -> list[tuple[int, int]]:
+    """Token ranges priced one after another: each takes ``ratio`` of the tokens left (at least
+    ``min_block``; the last takes all that is left once at most ``min_block`` remain)."""
     bounds, start = [], 0
     while start < num_tokens:
         left = num_tokens - start
-        size = left if left <= min_chunk else max(min_chunk, int(left * ratio))
+        size = left if left <= min_block else max(min_block, int(left * ratio))
         bounds.append((start, start + size))
         start += size
     return bounds
 
 
-def _assign_chunk(
-    ids: torch.Tensor,
-    valid: torch.Tensor,
-    need: torch.Tensor,
-    load: torch.Tensor,
-    level_final: torch.Tensor,
-    share: torch.Tensor,
-    rounds: int,
-    slack: float,
-    proposal: str,
-    jitter: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Assign one chunk of flexible tokens; returns (chosen [n, c] bool, updated load [E]).
+def _prices(room: torch.Tensor, demand: torch.Tensor, inv_demand: torch.Tensor) -> torch.Tensor:
+    """[E] prices (shifted >= 0) under which a block's tokens, each taking its k cheapest
+    candidates with Gumbel tie noise, fill each expert's ``room`` in expectation.
 
-    ids [n, c] candidate experts, valid [n, c], need [n] experts still to pick, load [E] float.
-    Each expert may take ``share`` (this chunk's fraction of the pending need) of its room below
-    ``level_final``, so the room hot experts have is spread over the chunks (tokens that have no
-    alternative later still find some). Each round every token proposes to open candidates chosen
-    by ``proposal`` ("least_pressure": least load + requests expected from tokens spreading their
-    need evenly over their open candidates; "proportional": sampled with probability ~ room /
-    expected requests), and each expert accepts in token order up to its quota. What is left
-    after ``rounds`` goes to the least-loaded remaining candidates. ``jitter`` [n, c] in [0, 1):
-    the tokens' fixed tie-breaking offsets (``_hash_unit``).
+    Sampling k of c candidates without replacement with weights w_e = exp(-price_e) includes
+    an expert with probability close to 1 - exp(-lambda w_e) (the Poisson approximation), so
+    the share q_e = room_e / demand_e of the tokens listing e (``demand``) that should take it
+    gives price_e = -log(-log(1 - q_e)). Experts whose room is at least their demand must be
+    taken by every token listing them: price 0, below every other key (PRICE_SHIFT).
     """
-    n, c = ids.shape
-    E = load.shape[0]
-    dev = load.device
-    chosen = torch.zeros_like(valid)
-    start = load
-    # the chunk's share of each expert's room (times ``slack`` >= 1: more lets a chunk finish in
-    # fewer rounds, the smaller chunks after it correcting the overshoot)
-    quota_total = torch.ceil(torch.clamp(share * slack, max=1.0) * (level_final - start).clamp(min=0))
-    flat_ids = ids.reshape(-1)
-    # (expert, token) cells of an [E, n] grid, so that counts in token order per expert run
-    # along contiguous rows (a cumulative sum along dim 0 of [n, E] is several times slower)
-    cell = (ids * n + torch.arange(n, device=dev).unsqueeze(1)).reshape(-1)
-    columns = torch.arange(c, device=dev).unsqueeze(0)
+    must = room >= demand
+    price = (room * inv_demand).clamp_(1e-6, 1 - 1e-6).neg_().log1p_().neg_().log_()
+    return price.neg_().add_(PRICE_SHIFT).masked_fill_(must, 0.0)
+
+
+def blocked_assign(
+    pool_idx: torch.Tensor,
+    valid: torch.Tensor | None,
+    flexible: torch.Tensor,
+    base: torch.Tensor,
+    k: int,
+    block_ratio: float = 0.4,
+    min_block: int = 32,
+    repair_rounds: int = 2,
+) -> torch.Tensor:
+    """[T, k] experts for the flexible tokens (rows of the others are arbitrary): LASER's
+    least-loaded assignment, vectorised.
+
+    Target: every expert at most at ``cap`` = min(L, base + demand), L the water level of the
+    flexible demand (``capped_water_level``: the least possible maximum if every token could
+    take any k of its candidates) and demand the flexible tokens listing the expert.
+
+    1. Pricing in blocks (``block_bounds``): for each block in turn, prices from the room
+       (cap - load) the earlier blocks left and the demand still to come (``_prices``); each
+       token sorts its candidates by price + its fixed Gumbel draw (``_fixed_noise``) and takes
+       the first k. A block's sampling error is corrected by the smaller blocks after it, so
+       the loads end within a few tokens of the caps.
+    2. Repair (``_repair``, ``repair_rounds`` rounds): moves from experts above their cap to
+       candidates with room, directly or through one intermediate expert.
+
+    ``valid`` [T, c] bool (None: all): candidates kept by ``min_score_ratio``; the others are
+    never taken. About 20 tensor ops per block and 60 per repair round; no loop over tokens,
+    no host synchronisation.
+    """
+    T, c = pool_idx.shape
+    E = base.numel()
+    dev = pool_idx.device
+    noise = _fixed_noise(T, c, dev, TIE_SEED)
+    if valid is None:
+        cand = flexible.float().unsqueeze(1).expand(T, c)
+    else:
+        cand = (valid & flexible.unsqueeze(1)).float()
+        noise = noise.masked_fill(~valid, 1e4)  # sorted after every valid candidate
+    bounds = block_bounds(T, block_ratio, min_block)
+    sizes = [b - a for a, b in bounds]
+    block_of = torch.repeat_interleave(
+        torch.arange(len(bounds), device=dev), torch.tensor(sizes, device=dev), output_size=T
+    )
+    # demand[i]: flexible (token, candidate) pairs per expert in blocks i, i + 1, ...
+    demand = torch.bincount(
+        (pool_idx + (block_of * E).unsqueeze(1)).view(-1),
+        weights=cand.reshape(-1),
+        minlength=len(bounds) * E,
+    ).view(len(bounds), E)
+    demand = demand.flip(0).cumsum(0).flip(0)
+    level = capped_water_level(base, flexible.float().sum() * k, demand[0])
+    cap = torch.minimum(level.expand(E), base + demand[0])
+    inv_demand = 1.0 / demand.clamp(min=1)
+    taken = (flexible.unsqueeze(1) & (torch.arange(c, device=dev) < k)).float()
+    load = base.clone()
+    ordered = []  # per block: [n, c] candidates in price order, the first k taken
+    for pool_b, noise_b, taken_b, demand_b, inv_b in zip(
+        pool_idx.split(sizes), noise.split(sizes), taken.split(sizes), demand, inv_demand
+    ):
+        price = _prices(cap - load, demand_b, inv_b)
+        order = torch.sort(price.take(pool_b).add_(noise_b).view(torch.int32), dim=1)[1]
+        ordered.append(pool_b.gather(1, order))
+        load.scatter_add_(0, ordered[-1].view(-1), taken_b.view(-1))
+    sel = torch.cat(ordered) if len(ordered) > 1 else ordered[0]
+    if repair_rounds and c > k:
+        _repair(sel, valid, flexible, load, cap, k, repair_rounds)
+    return sel[:, :k]
+
+
+def _rank_in_group(
+    flag: torch.Tensor, group: torch.Tensor, num_groups: int, cols: torch.Tensor
+) -> torch.Tensor:
+    """[n] float: for flagged entries, 1 + the number of flagged entries before them in the
+    same group (a cumulative count along contiguous [groups, n] rows)."""
+    onehot = torch.zeros(num_groups, flag.shape[0], device=flag.device)
+    onehot.index_put_((group, cols), flag.float())
+    return onehot.cumsum_(1).gather(0, group.unsqueeze(0)).squeeze_(0)
+
+
+CHAIN_LOG_WEIGHT = 0.0  # log-weight of passing excess on to an expert one move from room
+
+
+def _repair(
+    sel: torch.Tensor,
+    valid: torch.Tensor | None,
+    flexible: torch.Tensor,
+    load: torch.Tensor,
+    cap: torch.Tensor,
+    k: int,
+    rounds: int,
+) -> None:
+    """Repair rounds on ``sel`` [T, c] (in place; per row the first k are taken, the rest not).
+
+    Each round takes a strided 1 / REPAIR_FRACTION of the tokens (at least REPAIR_MIN_TOKENS).
+    Experts with room (load < cap) are at distance 0, experts one move from room at distance
+    1, and so on up to 2, where "one move" is a (taken, untaken) pair of some token of the
+    first round's sample. Every sampled token proposes one move: from one of its taken experts
+    above its cap that can reach room, drawn with weight = the excess, to one of its untaken
+    candidates one step closer to room, drawn with weight = the room (1 for an expert passing
+    the excess on). Moves are accepted in token order while the destination has room (or, for
+    an expert passing the excess on, while it stays at or below the current maximum load) and
+    the source still has excess. So no move raises the maximum load; chains of two moves
+    complete over successive rounds.
+    """
+    T, c = sel.shape
+    E = load.numel()
+    dev = sel.device
+    n = min(T, max(REPAIR_MIN_TOKENS, T // REPAIR_FRACTION))
+    stride = max(1, T // n)
+    noise = _fixed_noise(rounds * n, c, dev, REPAIR_SEED).view(rounds, n, c)
+    cols = torch.arange(n, device=dev)
+    reach = None
     for r in range(rounds):
-        wanted = valid & ~chosen & (need.unsqueeze(1) > 0)
-        limit = start + quota_total
-        if r > 0:  # later rounds may go up to the chunk's own water level
-            reach = torch.zeros(E, dtype=torch.int32, device=dev).scatter_add_(
-                0, flat_ids, wanted.reshape(-1).int()
-            ) > 0
-            limit = torch.maximum(limit, water_level(load, need.sum().float(), reach))
-        open_ = wanted & (load < limit)[ids]
-        per_token = need.unsqueeze(1) / open_.sum(dim=1, keepdim=True).clamp(min=1)
-        demand = torch.zeros_like(load).scatter_add_(0, flat_ids, (open_ * per_token).reshape(-1))
-        if proposal == "least_pressure":
-            key = (load + demand)[ids] + jitter
-        else:  # "proportional": sample candidates with probability ~ room / expected demand
-            weight = (limit - load).clamp(min=0) / demand.clamp(min=1e-6)
-            key = -torch.log(jitter.clamp(min=1e-6)) / weight[ids].clamp(min=1e-9)
-        key = torch.where(open_, key, torch.full_like(key, float("inf")))
-        order = torch.argsort(key, dim=1, stable=True)
-        propose = torch.zeros_like(open_).scatter_(1, order, columns < need.unsqueeze(1)) & open_
-        proposals = torch.zeros(E * n, dtype=torch.int32, device=dev).scatter_(
-            0, cell, propose.reshape(-1).int()
-        ).view(E, n)
-        accepted = (proposals > 0) & (
-            torch.cumsum(proposals, dim=1) <= (limit - load).clamp(min=0).unsqueeze(1)
-        )
-        got = accepted.view(-1).gather(0, cell).view(n, c) & propose
-        chosen |= got
-        need = need - got.sum(dim=1)
-        load = load + accepted.sum(dim=1).float()
-    left = valid & ~chosen
-    cand_load = torch.where(left, load[ids] + jitter, torch.full_like(jitter, float("inf")))
-    order = torch.argsort(cand_load, dim=1, stable=True)  # least loaded; ties keep score order
-    take = torch.zeros_like(chosen).scatter_(1, order, columns < need.unsqueeze(1)) & left
-    load = load + torch.zeros_like(load).scatter_add_(0, flat_ids, take.reshape(-1).float())
-    return chosen | take, load
+        start = r % stride
+        S = sel[start::stride][:n]  # a view: moves are written into ``sel``
+        movable = flexible[start::stride][:n]
+        taken, untaken = S[:, :k], S[:, k:]
+        over = load - cap
+        x = over.clamp(min=0)  # excess
+        y = x - over  # room
+        if reach is None:  # [E, E]: 1 where a sampled token could move e -> f
+            m = min(k, c - k)  # aligned (taken, untaken) column pairs
+            pairs = (taken[:, k - m:] * E + untaken[:, :m]).view(-1)
+            weight = movable.float().repeat_interleave(m)
+            reach = torch.bincount(pairs, weight, minlength=E * E).view(E, E).clamp_(max=1)
+        room = y > 0
+        near = (reach @ room.float() > 0) & ~room  # distance 1
+        far = (reach @ near.float() > 0) & ~room & ~near  # distance 2
+        log_room = y.log()  # -inf without room
+        # destination weights for a source at distance 1 (row 0) and 2 (row 1)
+        dst_w = torch.stack([log_room, log_room.masked_fill(near, CHAIN_LOG_WEIGHT)])
+        src_w = x.log().masked_fill_(~(near | far), -_INF)
+        src_key, src_col = (src_w.take(taken) + noise[r, :, :k]).max(1)
+        src_col = src_col.unsqueeze_(1)
+        a = taken.gather(1, src_col)
+        row = far.long().mul_(E).take(a)  # 0 or E: the source's row of ``dst_w``
+        dst_key = dst_w.view(-1).take(untaken + row).add_(noise[r, :, k:])
+        if valid is not None:  # untaken candidates must have been kept by min_score_ratio
+            dst_key.masked_fill_(~valid[start::stride][:n, k:], -_INF)
+        dst_key, dst_col = dst_key.max(1)
+        dst_col = dst_col.unsqueeze_(1).add_(k)
+        b = S.gather(1, dst_col)
+        a, b = a.squeeze_(1), b.squeeze_(1)
+        ok = (src_key + dst_key > -_INF) & movable
+        quota = torch.where(room, y, (load.max() - load).clamp_(min=0))
+        ok &= _rank_in_group(ok, b, E, cols) <= quota.take(b)
+        ok &= _rank_in_group(ok, a, E, cols) <= x.take(a)
+        S.scatter_(1, src_col, torch.where(ok, b, a).unsqueeze_(1))
+        S.scatter_(1, dst_col, torch.where(ok, a, b).unsqueeze_(1))
+        moved = ok.float()
+        load = load.index_add(0, b, moved).index_add_(0, a, moved, alpha=-1)
 
 
 def laser(
@@ -315,16 +412,9 @@ def laser(
 ) -> Routing:
     """LASER routing, vectorised. logits [T, E] -> Routing with exactly k experts per token.
 
-    Tokens are assigned in geometrically shrinking chunks (``chunk_ratio`` of what is left, down
-    to ``min_chunk`` tokens): each chunk sees the exact loads left by the previous ones, so the
-    approximation error of a big chunk is corrected by the smaller ones after it, as the
-    sequential greedy corrects itself token by token. About log(T / min_chunk) / log(1 /
-    (1 - chunk_ratio)) chunks (about 20 at 8K tokens with the defaults) of ``rounds`` vectorised
-    rounds each, then ``settle_rounds`` rounds of moves toward the water level and
-    ``polish_rounds`` rounds of peak-lowering moves (``_refine``); no Python loop over tokens
-    and no host synchronisation. That round count, not the arithmetic, is what LASER
-    costs on CPU (see results/routers_cpu.md). ``load_only`` takes the closed form instead,
-    ``assignment="price"`` the price assignment (``price_assign``).
+    ``laser_plan`` (shape test, pools, starting loads), then the assignment
+    ``params.assignment`` names (``blocked_assign`` or ``price_assign``); ``load_only`` takes
+    the closed form (``load_only_indices``).
     """
     ctx = ctx or RoutingContext()
     params = (params or LaserParams()).for_layer(ctx.layer)
@@ -337,67 +427,21 @@ def laser(
         every = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
         return _finish(logits, gate, idx, every, idx)
     vanilla_idx, flexible, pool_idx, valid, load, dist = laser_plan(logits, gate, params, ctx)
-    base_load = load
     T, c = pool_idx.shape
     if c == k or T == 0:  # nothing to choose (c = k: pool_idx is vanilla_idx)
         return _finish(logits, gate, vanilla_idx, flexible, pool_idx[:, :k], dist)
+    trimmed = valid if params.min_score_ratio > 0 else None  # else every candidate is valid
     if params.assignment == "price":
-        trimmed = valid if params.min_score_ratio > 0 else None  # else every candidate is valid
         chosen_idx = price_assign(pool_idx, trimmed, flexible, load, k, params.price_rounds)
-        return _finish(logits, gate, vanilla_idx, flexible, chosen_idx, dist)
-
-    need_all = torch.where(flexible, k, 0)
-    pending_need = need_all.flip(0).cumsum(0).flip(0).float()  # need of tokens t.. end
-    wanted_all = valid & flexible.unsqueeze(1)
-    # A fixed pseudo-random offset below one token per (token, candidate) breaks ties between
-    # equally loaded candidates differently for each token; without it every token of a chunk
-    # would propose to the same experts (the herd the sequential greedy avoids by updating
-    # loads after each token).
-    jitter = _hash_unit(torch.arange(T, device=logits.device).unsqueeze(1), pool_idx)
-    chosen = []
-    for a, b in _chunks(T, params.chunk_ratio, params.min_chunk):
-        reach = torch.zeros(E, dtype=torch.int32, device=logits.device).scatter_add_(
-            0, pool_idx[a:].reshape(-1), wanted_all[a:].reshape(-1).int()
-        ) > 0
-        level_final = water_level(load, pending_need[a], reach)
-        chunk_need = pending_need[a] - (pending_need[b] if b < T else 0.0)
-        share = chunk_need / pending_need[a].clamp(min=1)
-        got, load = _assign_chunk(
-            pool_idx[a:b],
-            valid[a:b],
-            need_all[a:b],
-            load,
-            level_final,
-            share,
-            params.rounds,
-            params.chunk_slack,
-            params.proposal,
-            jitter[a:b],
+    else:
+        chosen_idx = blocked_assign(
+            pool_idx, trimmed, flexible, load, k,
+            params.block_ratio, params.min_block, params.repair_rounds,
         )
-        chosen.append(got)
-    chosen = torch.cat(chosen)
-    if params.settle_rounds or params.polish_rounds:
-        demand = torch.zeros(E, dtype=torch.float32, device=logits.device).scatter_add_(
-            0, pool_idx.reshape(-1), wanted_all.reshape(-1).float()
-        )
-        level = capped_water_level(base_load, pending_need[0], demand)
-        chosen = _refine(pool_idx, wanted_all, chosen, load, level, params)
-    return _finish(logits, gate, vanilla_idx, flexible, _compact(chosen, pool_idx, k), dist)
+    return _finish(logits, gate, vanilla_idx, flexible, chosen_idx, dist)
 
 
 PRICE_MAX_STEP = 5.0  # cap on the Newton factor of a price update
-
-
-@functools.lru_cache(maxsize=16)
-def _tie_noise(rows: int, cols: int, device: torch.device) -> torch.Tensor:
-    """[rows, cols] fixed negated Gumbel draws plus a constant that makes them positive. The
-    same on every device (drawn on the CPU from a fixed seed, then moved); cached, as every
-    call with the same shape reuses them."""
-    gen = torch.Generator().manual_seed(0x1A5E)
-    u = torch.rand((rows, cols), generator=gen, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
-    # log(-log u) lies in [-27.7, 3.4] for u in [1e-12, 1 - 1e-12]: shifted to be positive, so
-    # that keys (non-negative prices + noise) can use ``topk_nonnegative``
-    return (torch.log(-torch.log(u)) + 28.0).float().to(device)
 
 
 def price_assign(
@@ -433,7 +477,7 @@ def price_assign(
     sampling error), not at the level exactly as the "chunked" assignment's do.
     """
     T, c = pool_idx.shape
-    noise = _tie_noise(T, c, pool_idx.device)
+    noise = _fixed_noise(T, c, pool_idx.device, TIE_SEED)
     weight = flexible.float()
     if valid is not None:
         noise = noise.masked_fill(~valid, float("inf"))
@@ -457,133 +501,6 @@ def price_assign(
         won = (load / demand.clamp(min=1)).clamp(max=1 - 1 / PRICE_MAX_STEP)
         price = price + (torch.log(load.clamp(min=0.5)) - log_target) / (1 - won)
     return cheapest(price)
-
-
-REFINE_MIN_TOKENS = 1024  # the moves after the assignment consider at least this many tokens
-REFINE_FRACTION = 8  # ... and at least this fraction of them
-
-
-def _refine(ids, wanted, chosen, load, level, params: LaserParams) -> torch.Tensor:
-    """Moves after the chunked assignment: ``settle_rounds`` toward the water level, then
-    ``polish_rounds`` lowering the peak. Only the tokens with the most to gain take part (those
-    whose most loaded expert exceeds their least loaded open candidate the most; an eighth of
-    the tokens, at least ``REFINE_MIN_TOKENS``): a fixed-size subset, so later rounds cost a
-    fraction of a full pass and nothing waits on the host."""
-    T = ids.shape[0]
-    size = max(REFINE_MIN_TOKENS, T // REFINE_FRACTION)
-    rows = None
-    if size < T:
-        *_, src_load, dst_load = _proposed_moves(ids, wanted, chosen, load)
-        gap = torch.nan_to_num(src_load - dst_load, nan=float("-inf"))
-        rows = torch.topk(gap, size, sorted=False)[1].sort()[0]  # token order kept
-        ids, wanted, full, chosen = ids[rows], wanted[rows], chosen, chosen[rows]
-    chosen, load = _settle_to_level(ids, wanted, chosen, load, level, params.settle_rounds)
-    chosen = _lower_the_peak(ids, wanted, chosen, load, params.polish_rounds)
-    if rows is None:
-        return chosen
-    return full.index_copy(0, rows, chosen)
-
-
-def _rank_in_group(flag: torch.Tensor, group: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """[T] int64: each flagged token's rank among the flagged tokens of its group, in token
-    order (unflagged tokens get ranks past every group's). One sort of T keys (int32 keys
-    when they fit: half the sort time on CPU)."""
-    T = flag.shape[0]
-    token = torch.arange(T, device=flag.device)
-    key = torch.where(flag, group, num_groups) * T + token
-    if (num_groups + 1) * T < 2**31:
-        key = key.int()
-    sorted_key, order = torch.sort(key)
-    sorted_group = sorted_key.long() // T
-    counts = torch.bincount(sorted_group, minlength=num_groups + 1)
-    first = torch.cumsum(counts, dim=0) - counts
-    rank = token - first.gather(0, sorted_group)
-    return torch.empty_like(rank).scatter_(0, order, rank)
-
-
-def _proposed_moves(ids: torch.Tensor, wanted: torch.Tensor, chosen: torch.Tensor, load: torch.Tensor):
-    """Each token's candidate move: from its most loaded chosen expert to its least loaded open
-    candidate. Returns (src_col, dst_col [T] pool columns, src, dst [T] experts, src_load,
-    dst_load [T]; -inf / +inf where the token has no chosen / no open candidate)."""
-    cand_load = load.gather(0, ids.reshape(-1)).view(ids.shape)
-    src_load, src_col = cand_load.masked_fill(~chosen, float("-inf")).max(dim=1)
-    dst_load, dst_col = cand_load.masked_fill(~(wanted & ~chosen), float("inf")).min(dim=1)
-    src = ids.gather(1, src_col.unsqueeze(1)).squeeze(1)
-    dst = ids.gather(1, dst_col.unsqueeze(1)).squeeze(1)
-    return src_col, dst_col, src, dst, src_load, dst_load
-
-
-def _apply_moves(chosen, load, move, src_col, dst_col, src, dst):
-    """Move the flagged tokens from pool column ``src_col`` to ``dst_col``; returns (chosen, load)."""
-    flag = move.unsqueeze(1)
-    chosen = chosen.scatter(1, src_col.unsqueeze(1), chosen.gather(1, src_col.unsqueeze(1)) & ~flag)
-    chosen = chosen.scatter(1, dst_col.unsqueeze(1), chosen.gather(1, dst_col.unsqueeze(1)) | flag)
-    moved = move.float()
-    load = load + torch.zeros_like(load).scatter_add_(0, dst, moved)
-    return chosen, load - torch.zeros_like(load).scatter_add_(0, src, moved)
-
-
-def _settle_to_level(
-    ids: torch.Tensor,
-    wanted: torch.Tensor,
-    chosen: torch.Tensor,
-    load: torch.Tensor,
-    level: torch.Tensor,
-    rounds: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bulk single-token moves toward the water level ``level``: up to ``rounds`` times, every
-    token whose most loaded expert is above the target and whose least loaded open candidate
-    is below it proposes that move; each expert gives up at most its excess over the target
-    and takes at most its room below it (earlier tokens first). The target is the level for
-    two rounds, then halfway between the level and the current maximum (where the level is
-    out of reach). No expert crosses the target, so the maximum never rises.
-    Returns (chosen, load).
-    """
-    E = load.shape[0]
-    target = level
-    for r in range(rounds):
-        if r >= 2:
-            target = torch.maximum(level, torch.ceil((load.max() + level) / 2))
-        src_col, dst_col, src, dst, src_load, dst_load = _proposed_moves(ids, wanted, chosen, load)
-        move = (src_load > target) & (dst_load < target)
-        move &= _rank_in_group(move, src, E) < (load - target).clamp(min=0).gather(0, src)
-        move &= _rank_in_group(move, dst, E) < (target - load).clamp(min=0).gather(0, dst)
-        chosen, load = _apply_moves(chosen, load, move, src_col, dst_col, src, dst)
-    return chosen, load
-
-
-def _first_per_expert(flag: torch.Tensor, expert: torch.Tensor, key: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """[T] bool: ``flag`` kept only on the token of smallest ``key`` (unique int64) per expert."""
-    big = torch.iinfo(torch.int64).max
-    best = torch.full((num_experts,), big, dtype=torch.int64, device=flag.device).scatter_reduce_(
-        0, expert, torch.where(flag, key, big), reduce="amin"
-    )
-    return flag & (best.gather(0, expert) == key)
-
-
-def _lower_the_peak(
-    ids: torch.Tensor, wanted: torch.Tensor, chosen: torch.Tensor, load: torch.Tensor, rounds: int
-) -> torch.Tensor:
-    """Single-token moves from busier to idler experts, the busiest first: up to ``rounds``
-    times, every token proposes to hand its most loaded expert (load a) to its least loaded
-    open candidate (load <= a - 2); each expert gives at most one token and receives at most
-    one per round, the proposals from the busiest experts winning. No move lifts an expert
-    past the one it relieves, so the maximum never rises, and it drops by one whenever every
-    expert at the maximum finds a move. Each token keeps its number of experts, all from its
-    pool.
-    """
-    T = ids.shape[0]
-    E = load.shape[0]
-    token = torch.arange(T, device=ids.device)
-    for _ in range(rounds):
-        src_col, dst_col, src, dst, src_load, dst_load = _proposed_moves(ids, wanted, chosen, load)
-        move = dst_load <= src_load - 2
-        # busiest source first, then token order (finite: a moving token has a source)
-        rank = (load.max() - torch.where(move, src_load, 0)).long() * T + token
-        move = _first_per_expert(move, src, rank, E)
-        move = _first_per_expert(move, dst, rank, E)
-        chosen, load = _apply_moves(chosen, load, move, src_col, dst_col, src, dst)
-    return chosen
 
 
 def laser_reference(

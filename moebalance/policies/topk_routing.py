@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..config import GateConfig, RoutingContext, TopKParams
-from ..routing import Routing, routing_from_indices
+from ..routing import Routing, megatron_dense
 from .gate import gate_weights, select_topk, selection_scores, topk_nonnegative
 
 __all__ = ["topk_indices", "topk"]
@@ -39,7 +39,5 @@ def topk(
     """
     ctx = ctx or RoutingContext()
     idx = topk_indices(logits, gate, ctx)
-    probs, routing_map = routing_from_indices(
-        idx, gate_weights(logits, idx, gate), gate.num_experts, like=logits
-    )
+    probs, routing_map = megatron_dense(idx, gate_weights(logits, idx, gate), logits)
     return Routing(probs, routing_map, num_dropped=torch.zeros((), dtype=torch.int64, device=logits.device))
