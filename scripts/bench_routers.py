@@ -15,9 +15,11 @@ profiled layer, the gate logits are generated once and every policy in
   each router is the warm-up. Wall time is the headline; process CPU time (all threads) is
   recorded beside it because it is less disturbed by other jobs sharing the machine.
 
-``topk_int_keys`` is vanilla top-k with the same decisions and weights, selecting as the
-balancing policies do (softmax computed once, ``topk_nonnegative``): a faster control, timed
-beside Megatron's own arithmetic (``topk``, the one the "x top-k" columns divide by).
+``topk`` (the control the "x top-k" columns divide by) runs Megatron-Core's routing op for op;
+``megatron_topk`` times Megatron's own ``topk_routing_with_score_function`` beside it, to show
+the control costs what Megatron costs. ``topk_int_keys`` is vanilla top-k with the same
+decisions and weights computed as the balancing policies compute theirs (``topk_nonnegative``,
+dense outputs built in place): a faster control, for what those two tricks alone buy.
 
 ``laser_reference`` (the paper's sequential greedy, a Python loop over tokens) is run once at
 T <= 8192 for the balance comparison with the vectorised ``laser`` (and ``laser_fast``, the
@@ -69,6 +71,7 @@ FULL_REPEATS = 15
 QUICK_REPEATS = 2
 REFERENCE = "laser_reference"
 INT_TOPK = "topk_int_keys"  # vanilla top-k selecting like the policies do: a faster control
+MEGATRON = "megatron_topk"  # Megatron-Core's own topk_routing_with_score_function
 REFERENCE_MAX_TOKENS = 8192  # the sequential greedy is a Python loop over tokens
 EP_RANK, EP_SIZE = 0, 8
 
@@ -169,7 +172,7 @@ def environment() -> dict:
 def check(routing: Routing, router: str, num_tokens: int, preset: WorkloadPreset) -> None:
     """The routing contract each router promises (a benchmark of wrong routings is worthless)."""
     k = preset.topk
-    exact_k = router in ("topk", INT_TOPK, "laser", "laser_fast", "load_only", REFERENCE)
+    exact_k = router in ("topk", INT_TOPK, MEGATRON, "laser", "laser_fast", "load_only", REFERENCE)
     check_routing(
         routing,
         num_tokens=num_tokens,
@@ -207,6 +210,35 @@ def topk_int_keys(logits, gate, params=None, ctx=None) -> Routing:
     )
 
 
+def megatron_topk(logits, gate, params=None, ctx=None) -> Routing:
+    """Megatron-Core 0.19.2's ``topk_routing_with_score_function`` itself (None when
+    megatron-core is not installed)."""
+    from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
+
+    ctx = ctx or RoutingContext()
+    probs, routing_map = topk_routing_with_score_function(
+        logits,
+        gate.topk,
+        use_pre_softmax=gate.pre_softmax,
+        num_groups=gate.num_groups,
+        group_topk=gate.group_topk,
+        scaling_factor=gate.scaling_factor,
+        score_function=gate.score_function,
+        expert_bias=ctx.expert_bias,
+    )
+    return Routing(
+        probs, routing_map, num_dropped=torch.zeros((), dtype=torch.int64, device=logits.device)
+    )
+
+
+def _have_megatron() -> bool:
+    try:
+        import megatron.core.transformer.moe.moe_utils  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure: time without this control
+        return False
+    return True
+
+
 def _ep_routing(fn, shards, gate, params, layer, router, preset) -> Routing:
     """Route every EP rank's shard with its own rank and stack the decisions (global loads)."""
     decisions = []
@@ -235,18 +267,23 @@ def bench_layer(
     params = {name: get_policy(name).params() for name in POLICIES}
     fns = {name: policy.fn for name, policy in POLICIES.items()}
     fns[INT_TOPK], params[INT_TOPK] = topk_int_keys, None
+    controls = [INT_TOPK]
+    if _have_megatron():
+        fns[MEGATRON], params[MEGATRON] = megatron_topk, None
+        controls.append(MEGATRON)
     out: dict[str, dict] = {}
     with torch.no_grad():
         for name in POLICIES:  # validated calls: correctness, figures, and the warm-up
             validated = lambda x, g, p, c, n=name: route(n, x, g, p, c)  # noqa: E731
             routing = _ep_routing(validated, shards, gate, params[name], layer, name, preset)
             out[name] = {**layer_figures(routing, preset.topk), "times": [], "cpu_times": []}
-        routing = _ep_routing(topk_int_keys, shards, gate, None, layer, INT_TOPK, preset)
         vanilla = _ep_routing(POLICIES["topk"].fn, shards, gate, None, layer, "topk", preset)
-        if not (torch.equal(routing.routing_map, vanilla.routing_map)
-                and torch.equal(routing.probs, vanilla.probs)):
-            raise AssertionError(f"{INT_TOPK} routed differently from topk")
-        out[INT_TOPK] = {**layer_figures(routing, preset.topk), "times": [], "cpu_times": []}
+        for name in controls:  # the same routing as topk, bit for bit
+            routing = _ep_routing(fns[name], shards, gate, None, layer, name, preset)
+            if not (torch.equal(routing.routing_map, vanilla.routing_map)
+                    and torch.equal(routing.probs, vanilla.probs)):
+                raise AssertionError(f"{name} routed differently from topk")
+            out[name] = {**layer_figures(routing, preset.topk), "times": [], "cpu_times": []}
         for _ in range(args.repeats):
             for name, fn in fns.items():
                 wall, cpu = time.perf_counter(), time.process_time()
@@ -314,8 +351,10 @@ def markdown(records: list[dict], config: dict, env: dict) -> str:
         "time = sum over layers of the median routing time, and as a multiple of vanilla top-k "
         "on the same logits (wall; CPU = process CPU time, all threads). "
         f"laser_reference (sequential greedy) runs once, T <= {REFERENCE_MAX_TOKENS}. "
-        f"{INT_TOPK}: vanilla top-k's decisions computed as the policies select (softmax once, "
-        "int32-key top-k), a faster control; the × columns divide by topk (Megatron's ops). "
+        "The × columns divide by topk, which runs Megatron-Core's routing op for op "
+        f"({MEGATRON}: Megatron's own function, timed beside it); {INT_TOPK}: vanilla top-k's "
+        "decisions computed as the policies compute theirs (int32-key top-k, dense outputs "
+        "built in place), a faster control. "
         f"T = tokens per rank; EP = {EP_SIZE} simulated: each rank routes its own T tokens with "
         "its own rank (capacities from its T, LASER with per-rank loads, expanded drop adding its "
         "local experts) and balance is over the summed global load; times are one rank's call. "

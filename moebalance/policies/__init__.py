@@ -67,7 +67,7 @@ POLICIES: dict[str, Policy] = {
             laser,
             LaserParams,
             False,
-            "LASER: adaptive pool, least-loaded of c candidates",
+            "LASER: adaptive pool, least-loaded of c candidates (blocked pricing + repair)",
             uses_expert_load=True,
         ),
         Policy(
@@ -75,7 +75,7 @@ POLICIES: dict[str, Policy] = {
             laser,
             LaserParams,
             False,
-            "LASER with the price assignment: ~2x top-k time, looser balance",
+            "LASER with one price pass: ~1.6x top-k time, looser balance",
             (("assignment", "price"),),
             uses_expert_load=True,
         ),

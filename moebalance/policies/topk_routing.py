@@ -6,7 +6,7 @@ import torch
 
 from ..config import GateConfig, RoutingContext, TopKParams
 from ..routing import Routing, megatron_dense
-from .gate import gate_weights, select_topk, selection_scores, topk_nonnegative
+from .gate import group_mask, select_topk, selection_scores, topk_nonnegative
 
 __all__ = ["topk_indices", "topk"]
 
@@ -25,6 +25,15 @@ def topk_indices(
     return select_topk(selection_scores(logits, gate, ctx.expert_bias), gate, gate.topk)
 
 
+def _megatron_select(scores: torch.Tensor, gate: GateConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) [T, k] of Megatron's ``compute_topk``: group-limited top-k (masked
+    scores, sorted) or ``torch.topk`` sorted only when autograd is on."""
+    if gate.group_topk:
+        masked = scores.masked_fill(~group_mask(scores, gate), float("-inf"))
+        return torch.topk(masked, k=gate.topk, dim=-1)
+    return torch.topk(scores, k=gate.topk, dim=1, sorted=torch.is_grad_enabled())
+
+
 def topk(
     logits: torch.Tensor,
     gate: GateConfig,
@@ -33,11 +42,31 @@ def topk(
 ) -> Routing:
     """Vanilla top-k. logits [T, E] -> Routing(probs [T, E], routing_map [T, E]).
 
-    Bit-identical to ``megatron.core.transformer.moe.moe_utils.topk_routing_with_score_function``
-    with the same gate settings (softmax post/pre, sigmoid with expert bias, group-limited top-k,
-    scaling factor).
+    Megatron-Core 0.19.2's ``topk_routing_with_score_function`` op for op (softmax post/pre,
+    sigmoid / sqrt-softplus with expert bias, group-limited top-k, scaling factor, the dense
+    outputs built out of place): bit-identical results, and the same cost, so that it is the
+    control the benchmarks divide by.
     """
     ctx = ctx or RoutingContext()
-    idx = topk_indices(logits, gate, ctx)
-    probs, routing_map = megatron_dense(idx, gate_weights(logits, idx, gate), logits)
-    return Routing(probs, routing_map, num_dropped=torch.zeros((), dtype=torch.int64, device=logits.device))
+    if gate.score_function == "softmax":
+        if gate.pre_softmax:
+            probs, idx = _megatron_select(torch.softmax(logits, dim=-1, dtype=torch.float32), gate)
+        else:
+            scores, idx = _megatron_select(logits, gate)
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    else:
+        if gate.score_function == "sigmoid":
+            scores = torch.sigmoid(logits.float())
+        else:
+            scores = torch.nn.functional.softplus(logits.float()).sqrt()
+        if ctx.expert_bias is not None:
+            idx = _megatron_select(scores + ctx.expert_bias.float(), gate)[1]
+            scores = torch.gather(scores, dim=1, index=idx)
+        else:
+            scores, idx = _megatron_select(scores, gate)
+        probs = scores / (scores.sum(dim=-1, keepdim=True) + 1e-20) if gate.topk > 1 else scores
+    if gate.scaling_factor:
+        probs = probs * gate.scaling_factor
+    probs, routing_map = megatron_dense(idx, probs.type_as(logits), logits)
+    zero = torch.zeros((), dtype=torch.int64, device=logits.device)
+    return Routing(probs, routing_map, num_dropped=zero)
