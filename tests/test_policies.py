@@ -629,6 +629,23 @@ def test_expanded_drop_at_ep1_is_expert_choice_and_max_experts_caps_rows():
 
 
 # ---------------------------------------------------------------- determinism, devices, errors
+@given(seed=st.integers(0, 10_000), frac=st.floats(0, 1))
+@SETTINGS
+def test_masked_equals_where_bit_for_bit(seed, frac):
+    """The int32 masking in capacity policies is torch.where(keep, x, 0.0) to the bit, on
+    subnormals, signed zeros, infinities and NaN too."""
+    from moebalance.policies.capacity import _masked
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 32, generator=gen) * torch.logspace(-44, 30, 32)  # subnormal .. huge
+    x[0, :6] = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-45])
+    keep = torch.rand(64, 32, generator=gen) < frac
+    got, want = _masked(x, keep), torch.where(keep, x, 0.0)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    half = x.bfloat16()
+    assert torch.equal(_masked(half, keep).view(torch.int16), torch.where(keep, half, 0.0).view(torch.int16))
+
+
 @pytest.mark.parametrize("name", ["topk", "laser", "laser_fast", "load_only", "token_drop", "expanded_drop"])
 def test_policies_are_deterministic_and_accept_half_precision(name):
     gate = GateConfig(num_experts=16, topk=4)

@@ -25,6 +25,16 @@ __all__ = [
 ]
 
 
+def _masked(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``torch.where(keep, values, 0.0)`` for fp32 ``values``, bit for bit: the float bits
+    ANDed with 0 or all ones. Neither a product (the tiny, subnormal scores of a peaked softmax
+    take the slow path on x86 CPUs) nor ``where`` on a bool mask (2.4x slower on CPU for
+    [8K, 64])."""
+    if values.dtype != torch.float32:
+        return torch.where(keep, values, 0.0)
+    return (values.view(torch.int32) & keep.int().neg_()).view(torch.float32)
+
+
 def expert_capacity(num_tokens: int, gate: GateConfig, capacity_factor: float) -> int:
     """C = ceil(gamma * T * k / E): tokens each expert may keep (T = local tokens)."""
     return math.ceil(capacity_factor * num_tokens * gate.topk / gate.num_experts)
@@ -214,9 +224,7 @@ def expanded_drop(
         row_pri = torch.where(keep, scores, torch.full_like(scores, float("-inf")))
         top = torch.topk(row_pri, m, dim=1, sorted=False)[1]
         keep = keep & torch.zeros_like(keep).scatter_(1, top, True)
-    # masking, not ``scores * keep``: products with the tiny (subnormal) scores of a peaked
-    # softmax take the slow path on x86 CPUs
-    weights = torch.where(keep, scores, 0.0)
+    weights = _masked(scores, keep)
     if params.renormalize:
         total = weights.sum(dim=1, keepdim=True)
         weights = weights / torch.where(total > 0, total, torch.ones_like(total))
