@@ -189,15 +189,19 @@ class LaserParams:
             f"assignment must be 'blocked' or 'price', got {self.assignment!r}",
         )
         _require(
-            isinstance(self.block_ratio, (int, float)) and 0 < self.block_ratio <= 1,
+            isinstance(self.block_ratio, (int, float))
+            and not isinstance(self.block_ratio, bool)
+            and 0 < self.block_ratio <= 1,
             f"block_ratio must be in (0, 1], got {self.block_ratio!r}",
         )
         _require(
-            isinstance(self.min_block, int) and self.min_block >= 1,
+            isinstance(self.min_block, int) and not isinstance(self.min_block, bool) and self.min_block >= 1,
             f"min_block must be an integer >= 1, got {self.min_block!r}",
         )
         _require(
-            isinstance(self.repair_rounds, int) and self.repair_rounds >= 0,
+            isinstance(self.repair_rounds, int)
+            and not isinstance(self.repair_rounds, bool)
+            and self.repair_rounds >= 0,
             f"repair_rounds must be an integer >= 0, got {self.repair_rounds!r}",
         )
         _require(

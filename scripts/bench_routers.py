@@ -211,8 +211,8 @@ def topk_int_keys(logits, gate, params=None, ctx=None) -> Routing:
 
 
 def megatron_topk(logits, gate, params=None, ctx=None) -> Routing:
-    """Megatron-Core 0.19.2's ``topk_routing_with_score_function`` itself (None when
-    megatron-core is not installed)."""
+    """Megatron-Core 0.19.2's ``topk_routing_with_score_function`` itself (timed only when
+    megatron-core imports)."""
     from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
 
     ctx = ctx or RoutingContext()

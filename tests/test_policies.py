@@ -676,6 +676,8 @@ def test_policies_are_deterministic_and_accept_half_precision(name):
         (lambda: RoutingContext(ep_rank=2, ep_size=2), "ep_rank"),
         (lambda: route("laser", torch.zeros(2, 8), GateConfig(8, 2), {"repair_rounds": -1}), "repair_rounds must be an integer >= 0"),
         (lambda: LaserParams(min_block=1.5), "min_block must be an integer >= 1"),
+        (lambda: LaserParams(repair_rounds=True), "repair_rounds must be an integer >= 0"),
+        (lambda: LaserParams(block_ratio=True), "block_ratio must be in \\(0, 1\\]"),
         (lambda: LaserParams(block_ratio=0), "block_ratio must be in \\(0, 1\\]"),
         (lambda: LaserParams(assignment="auction"), "assignment must be 'blocked' or 'price'"),
         (lambda: route("laser_fast", torch.zeros(2, 8), GateConfig(8, 2), {"price_rounds": 0}), "price_rounds must be an integer >= 1"),

@@ -24,6 +24,7 @@ __all__ = [
     "selection_scores",
     "group_mask",
     "select_topk",
+    "select_topk_values",
     "topk_nonnegative",
     "gate_weights",
 ]
@@ -77,20 +78,28 @@ def group_mask(scores: torch.Tensor, gate: GateConfig) -> torch.Tensor:
     return chosen.unsqueeze(-1).expand(T, G, E // G).reshape(T, E).bool()
 
 
-def select_topk(
+def select_topk_values(
     scores: torch.Tensor, gate: GateConfig, n: int, *, sorted: bool | None = None
-) -> torch.Tensor:
-    """[T, n] int64 indices of the n best experts per token (group-limited when configured).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) [T, n] of the n best experts per token (group-limited when
+    configured): Megatron's ``compute_topk``, values taken from the masked scores.
 
     ``sorted=None`` follows Megatron: the plain path sorts only when autograd is enabled, the
     group-limited path always sorts. Pass ``sorted=True`` to get candidates best-first.
     """
     if gate.group_topk:
         masked = scores.masked_fill(~group_mask(scores, gate), float("-inf"))
-        return torch.topk(masked, k=n, dim=-1)[1]
+        return torch.topk(masked, k=n, dim=-1)
     if sorted is None:
         sorted = torch.is_grad_enabled()
-    return torch.topk(scores, k=n, dim=1, sorted=sorted)[1]
+    return torch.topk(scores, k=n, dim=1, sorted=sorted)
+
+
+def select_topk(
+    scores: torch.Tensor, gate: GateConfig, n: int, *, sorted: bool | None = None
+) -> torch.Tensor:
+    """[T, n] int64 indices of ``select_topk_values``."""
+    return select_topk_values(scores, gate, n, sorted=sorted)[1]
 
 
 def topk_nonnegative(

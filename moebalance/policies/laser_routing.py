@@ -360,9 +360,9 @@ def _repair(
     """Repair rounds on ``sel`` [T, c] (in place; per row the first k are taken, the rest not).
 
     Each round takes a strided 1 / REPAIR_FRACTION of the tokens (at least REPAIR_MIN_TOKENS).
-    Experts with room (load < cap) are at distance 0 and experts one move from room at
-    distance 1 or 2, "one move" being a (taken, untaken) pair of some token of the first
-    round's sample. Every sampled token proposes one move, from one of its taken experts
+    Experts with room (load < cap) are at distance 0, experts one move from room at distance 1
+    and two moves at distance 2, a move being a (taken, untaken) pair of some token of the
+    first round's sample. Every sampled token proposes one move, from one of its taken experts
     above its cap, drawn with weight = the excess, to one of its untaken candidates:
     - a source at distance 1 moves to an expert with room (drawn with weight = the room);
     - a source at distance 2 moves to room or to an expert at distance 1, which passes the

@@ -6,7 +6,7 @@ import torch
 
 from ..config import GateConfig, RoutingContext, TopKParams
 from ..routing import Routing, megatron_dense
-from .gate import group_mask, select_topk, selection_scores, topk_nonnegative
+from .gate import select_topk, select_topk_values, selection_scores, topk_nonnegative
 
 __all__ = ["topk_indices", "topk"]
 
@@ -25,15 +25,6 @@ def topk_indices(
     return select_topk(selection_scores(logits, gate, ctx.expert_bias), gate, gate.topk)
 
 
-def _megatron_select(scores: torch.Tensor, gate: GateConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, indices) [T, k] of Megatron's ``compute_topk``: group-limited top-k (masked
-    scores, sorted) or ``torch.topk`` sorted only when autograd is on."""
-    if gate.group_topk:
-        masked = scores.masked_fill(~group_mask(scores, gate), float("-inf"))
-        return torch.topk(masked, k=gate.topk, dim=-1)
-    return torch.topk(scores, k=gate.topk, dim=1, sorted=torch.is_grad_enabled())
-
-
 def topk(
     logits: torch.Tensor,
     gate: GateConfig,
@@ -48,11 +39,13 @@ def topk(
     control the benchmarks divide by.
     """
     ctx = ctx or RoutingContext()
+    k = gate.topk
     if gate.score_function == "softmax":
         if gate.pre_softmax:
-            probs, idx = _megatron_select(torch.softmax(logits, dim=-1, dtype=torch.float32), gate)
+            scores = torch.softmax(logits, dim=-1, dtype=torch.float32)
+            probs, idx = select_topk_values(scores, gate, k)
         else:
-            scores, idx = _megatron_select(logits, gate)
+            scores, idx = select_topk_values(logits, gate, k)
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
     else:
         if gate.score_function == "sigmoid":
@@ -60,11 +53,11 @@ def topk(
         else:
             scores = torch.nn.functional.softplus(logits.float()).sqrt()
         if ctx.expert_bias is not None:
-            idx = _megatron_select(scores + ctx.expert_bias.float(), gate)[1]
+            idx = select_topk(scores + ctx.expert_bias.float(), gate, k)
             scores = torch.gather(scores, dim=1, index=idx)
         else:
-            scores, idx = _megatron_select(scores, gate)
-        probs = scores / (scores.sum(dim=-1, keepdim=True) + 1e-20) if gate.topk > 1 else scores
+            scores, idx = select_topk_values(scores, gate, k)
+        probs = scores / (scores.sum(dim=-1, keepdim=True) + 1e-20) if k > 1 else scores
     if gate.scaling_factor:
         probs = probs * gate.scaling_factor
     probs, routing_map = megatron_dense(idx, probs.type_as(logits), logits)
