@@ -24,7 +24,7 @@ loop over tokens or a host synchronisation:
   above the water level to candidates with room, directly or through one other expert. On
   the calibrated benchmark workloads it balances at least as well as the sequential greedy
   in every cell (results/routers_cpu.md), at 2.4-2.9x vanilla top-k's time on CPU at 8K
-  tokens (1.6-1.8x at 64K).
+  tokens (1.6-1.9x at 64K).
 - ``assignment="price"`` (the ``laser_fast`` router, ``price_assign``): one price pass over
   all tokens: 1.5-1.8x vanilla's time at 8K tokens, loads a few percent above the level.
 
