@@ -145,7 +145,7 @@ class LaserParams:
             (results/routers_cpu.md; ``policies.laser_routing``).
         block_ratio, min_block: the "blocked" assignment prices ``block_ratio`` of the tokens
             left at a time (at least ``min_block``); smaller blocks balance tighter and cost
-            about 20 tensor ops each (``policies.laser_routing.block_bounds``).
+            about 15 tensor ops each (``policies.laser_routing.block_bounds``).
         repair_rounds: rounds of moves from experts above the water level to candidates with
             room after the "blocked" pricing (0 disables); layers where many tokens are
             skewed balance closer to the greedy with more (8: on par on the github workload).

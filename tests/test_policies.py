@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from moebalance import (
     ConfigError,
@@ -20,7 +21,7 @@ from moebalance import (
     route,
 )
 from moebalance import metrics
-from moebalance.policies import expanded_drop, laser, laser_reference, token_drop, topk
+from moebalance.policies import expanded_drop, get_policy, laser, laser_reference, token_drop, topk
 from moebalance.policies.capacity import expert_capacity, keep_top_per_column, keep_top_per_group
 from moebalance.policies.gate import score_distribution
 from moebalance.policies.laser_routing import block_bounds, blocked_assign, capped_water_level, laser_plan
@@ -656,6 +657,55 @@ def test_policies_are_deterministic_and_accept_half_precision(name):
     h = route(name, logits.bfloat16(), gate, ctx=ctx)
     assert h.probs.dtype == torch.bfloat16
     check_routing(h)
+
+
+# ops that copy a device value to the host (a stream synchronisation on CUDA)
+HOST_SYNC_OPS = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "equal", "masked_select"}
+
+
+class _HostSyncRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in HOST_SYNC_OPS:
+            self.seen.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("spec", GATES[:2] + GATES[4:5] + GATES[6:7], ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+@pytest.mark.parametrize(
+    "name, params",
+    [
+        ("topk", None),
+        ("laser", None),
+        ("laser", {"min_score_ratio": 0.3, "expert_load": True}),
+        ("laser_fast", {"price_rounds": 2}),
+        ("load_only", None),
+        ("token_drop", None),
+        ("token_drop", {"drop_policy": "random", "scope": "device", "renormalize": True}),
+        ("expanded_drop", {"max_experts_per_token": 3}),
+    ],
+)
+def test_policies_never_synchronise_with_the_host(spec, name, params):
+    """The policy functions (the hot path, after ``route``'s input validation) never read a
+    tensor value on the host: no ``.item()``, no tensor used as a Python bool or index, no
+    data-dependent shapes. On CUDA each of those would stall the stream."""
+    spec = dict(spec)
+    use_bias = spec.pop("bias", False)
+    E, k = 32, 4
+    gate = GateConfig(num_experts=E, topk=k, **spec)
+    params = dict(params or {})
+    load = torch.arange(E, dtype=torch.float32) * 3 if params.pop("expert_load", False) else None
+    bias = torch.linspace(-0.5, 0.5, E) if use_bias else None
+    ctx = RoutingContext(ep_rank=1, ep_size=4, expert_load=load, expert_bias=bias)
+    policy = get_policy(name)
+    resolved = policy.params(params) if params else policy.params()
+    logits = logits_for(700, E, 3, 2.0)
+    with torch.no_grad(), _HostSyncRecorder() as recorder:
+        policy.fn(logits, gate, resolved, ctx)
+    assert recorder.seen == [], f"{name} synchronised with the host via {recorder.seen}"
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,7 @@ least possible maximum and McNaughton's wrap-around to deal the slots (``load_on
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import NamedTuple
 
@@ -67,18 +68,20 @@ def capped_water_level(base: torch.Tensor, need: torch.Tensor, limit: torch.Tens
 
     base, limit: [E] float (integer-valued); need: 0-dim float, at most sum(limit). Returns a
     0-dim float. The sum is piecewise linear in L with breakpoints base_e and base_e + limit_e:
-    it is evaluated at all 2E breakpoints at once and solved inside the segment that crosses
-    ``need`` (no loop, no host synchronisation).
+    it is evaluated at all 2E breakpoints at once, every segment between two breakpoints is
+    solved for the level it would give, and the segment that crosses ``need`` is picked with
+    a tensor index (no loop, no host synchronisation: about 25 small tensor ops).
     """
-    bp, _ = torch.sort(torch.cat([base, base + limit]))
-    fill = (bp.unsqueeze(1) - base.unsqueeze(0)).clamp(min=0)
-    fill = torch.minimum(fill, limit.unsqueeze(0)).sum(dim=1)  # [2E] sum at each breakpoint
-    i = torch.argmax((fill >= need).int())  # first breakpoint reaching need
-    j = (i - 1).clamp(min=0)
-    lo, fill_lo = bp[j], fill[j]
-    slope = ((base <= lo) & (lo < base + limit)).sum().float()  # experts filling above ``lo``
-    inside = lo + torch.ceil((need - fill_lo) / slope.clamp(min=1))
-    return torch.where((i > 0) & (slope > 0), torch.minimum(inside, bp[i]), bp[i])
+    bp = torch.sort(torch.cat([base, base + limit]))[0]
+    fill = (bp.unsqueeze(1) - base).clamp_(min=0)
+    fill = torch.minimum(fill, limit).sum(dim=1)  # [2E] the sum at each breakpoint
+    lo, hi, fill_lo = bp[:-1], bp[1:], fill[:-1]
+    # segment s = [bp_s, bp_s+1]: slope = experts filling inside it (an exact integer ratio)
+    slope = (fill[1:] - fill_lo) / (hi - lo).clamp_(min=1)
+    inside = torch.minimum(lo + ((need - fill_lo) / slope.clamp_(min=1)).ceil_(), hi)
+    first = (fill < need).sum().clamp_(max=bp.numel() - 1)  # first breakpoint reaching need
+    # first = 0: need <= 0, the lowest breakpoint; else the level inside segment first - 1
+    return torch.cat([bp[:1], inside]).take(first)
 
 
 def load_only_indices(
@@ -221,9 +224,11 @@ def _finish(logits, gate, vanilla_idx, flexible, chosen_idx, dist=None) -> Routi
 
 
 PRICE_SHIFT = 34.7  # keeps every key >= 0 and the "must take" experts below all others
+PRICE_BINS = 1 << 16  # resolution of the price table in the share q (``_price_table``)
 REPAIR_FRACTION = 8  # each repair round moves tokens of 1 / REPAIR_FRACTION of the batch ...
 REPAIR_MIN_TOKENS = 256  # ... and of at least this many
 _INF = float("inf")
+_TABLES: dict[str, torch.Tensor] = {}
 
 
 def block_bounds(num_tokens: int, ratio: float, min_block: int) -> list[tuple[int, int]]:
@@ -238,22 +243,57 @@ def block_bounds(num_tokens: int, ratio: float, min_block: int) -> list[tuple[in
     return bounds
 
 
-def _prices(room: torch.Tensor, demand: torch.Tensor, inv_demand: torch.Tensor) -> torch.Tensor:
-    """[E] prices (shifted >= 0) under which a block's tokens, each taking its k cheapest
-    candidates with Gumbel tie noise, fill each expert's ``room`` in expectation.
+@functools.lru_cache(maxsize=64)
+def _block_layout(
+    num_tokens: int, ratio: float, min_block: int, num_experts: int, device: torch.device
+) -> tuple[list[tuple[int, int]], torch.Tensor]:
+    """``block_bounds`` and, per token, the offset of its block's row in the demand counts
+    [T, 1] int64: block i of n counts in row n - 1 - i, so that a cumulative sum over the rows
+    gives the demand of blocks i, i + 1, ... Cached per batch shape (no host-to-device copy
+    per call)."""
+    bounds = block_bounds(num_tokens, ratio, min_block)
+    n = len(bounds)
+    sizes = torch.tensor([b - a for a, b in bounds])
+    offsets = torch.repeat_interleave((n - 1 - torch.arange(n)) * num_experts, sizes)
+    return bounds, offsets.unsqueeze(1).to(device)
+
+
+def _price_table(device: torch.device) -> torch.Tensor:
+    """[PRICE_BINS + 1] fp32: the price of an expert whose share of the demand still to come
+    is q = i / PRICE_BINS (its room / its demand; ``_prices`` rounds to the nearest bin).
 
     Sampling k of c candidates without replacement with weights w_e = exp(-price_e) includes
     an expert with probability close to 1 - exp(-lambda w_e) (the Poisson approximation), so
-    the share q_e = room_e / demand_e of the tokens listing e (``demand``) that should take it
-    gives price_e = -log(-log(1 - q_e)). Experts whose room is at least their demand must be
-    taken by every token listing them: price 0, below every other key (PRICE_SHIFT). Experts
-    without room all reach the same price at q = 1e-6; each token over the cap adds 1 on top,
-    so that a token that must take some of them takes the least loaded, as the greedy would.
+    the share q of the tokens listing e that should take it gives price = -log(-log(1 - q)),
+    shifted by PRICE_SHIFT. Bin 0 (no room) is the price at q = 1e-6; the last bin (room
+    for every token listing e: all must take it) is 0, below every other key. Computed once
+    per device in float64; one table lookup replaces the transcendental ops per block.
     """
-    must = room >= demand
-    price = (room * inv_demand).clamp_(1e-6, 1 - 1e-6).neg_().log1p_().neg_().log_()
-    price = price.neg_().add_(PRICE_SHIFT).masked_fill_(must, 0.0)
-    return price.sub_(room.clamp(max=0))  # past the cap: one more per token over it
+    key = str(device)
+    table = _TABLES.get(key)
+    if table is None:
+        q = torch.arange(PRICE_BINS + 1, dtype=torch.float64) / PRICE_BINS
+        q = q.clamp(1e-6, 1 - 1e-6)
+        table = PRICE_SHIFT - torch.log(-torch.log1p(-q))
+        table[PRICE_BINS] = 0.0
+        table = table.float().to(device)
+        _TABLES[key] = table
+    return table
+
+
+def _prices(
+    room: torch.Tensor, bins_per_room: torch.Tensor, table: torch.Tensor, half: torch.Tensor
+) -> torch.Tensor:
+    """[E] prices (>= 0) under which a block's tokens, each taking its k cheapest candidates
+    with Gumbel tie noise, fill each expert's ``room`` in expectation: the table price of the
+    share q = room / demand (``bins_per_room`` = PRICE_BINS / demand, ``_price_table``).
+    Room and demand are integers, so q rounds to the last bin exactly when room >= demand
+    (for demands up to 2 PRICE_BINS). Experts without room all get the q = 1e-6 price, plus 1
+    per token over the cap, so that a token that must take some of them takes the least
+    loaded, as the greedy would.
+    """
+    bins = torch.addcmul(half, room, bins_per_room).clamp_(0, PRICE_BINS).long()
+    return table.take(bins).sub_(room.clamp(max=0))
 
 
 def blocked_assign(
@@ -283,45 +323,41 @@ def blocked_assign(
        is in reach, from the peak to any expert below it; no move raises the maximum load.
 
     ``valid`` [T, c] bool (None: all): candidates kept by ``min_score_ratio``; the others are
-    never taken. About 20 tensor ops per block and 60 per repair round; no loop over tokens,
+    never taken. About 15 tensor ops per block and 100 per repair round; no loop over tokens,
     no host synchronisation.
     """
     T, c = pool_idx.shape
     E = base.numel()
     dev = pool_idx.device
     noise = _fixed_noise(T, c, dev, TIE_SEED)
+    bounds, offsets = _block_layout(T, block_ratio, min_block, E, dev)
+    n = len(bounds)
+    # demand[n - 1 - i]: flexible (token, valid candidate) pairs per expert in blocks i, i + 1,
+    # ...; the other tokens count in a last row that is dropped
+    keys = (pool_idx + torch.where(flexible.unsqueeze(1), offsets, n * E)).view(-1)
     if valid is None:
-        cand = flexible.float().unsqueeze(1).expand(T, c)
+        counts = torch.bincount(keys, minlength=(n + 1) * E)
     else:
-        cand = (valid & flexible.unsqueeze(1)).float()
+        counts = torch.bincount(keys, valid.view(-1).float(), minlength=(n + 1) * E)
         noise = noise.masked_fill(~valid, 1e4)  # sorted after every valid candidate
-    bounds = block_bounds(T, block_ratio, min_block)
+    demand = counts[: n * E].view(n, E).cumsum(0).float()
+    level = capped_water_level(base, flexible.sum().float() * k, demand[-1])
+    room = torch.minimum(level - base, demand[-1])  # cap - load
+    cap = base + room
+    bins_per_room = (PRICE_BINS / demand.clamp_(min=1)).unbind(0)[::-1]
+    table, half = _price_table(dev), torch.full((), 0.5, device=dev)
+    taken = (-flexible.float()).repeat_interleave(k)  # the first k of every flexible row count
     sizes = [b - a for a, b in bounds]
-    block_of = torch.repeat_interleave(
-        torch.arange(len(bounds), device=dev), torch.tensor(sizes, device=dev), output_size=T
-    )
-    # demand[i]: flexible (token, candidate) pairs per expert in blocks i, i + 1, ...
-    demand = torch.bincount(
-        (pool_idx + (block_of * E).unsqueeze(1)).view(-1),
-        weights=cand.reshape(-1),
-        minlength=len(bounds) * E,
-    ).view(len(bounds), E)
-    demand = demand.flip(0).cumsum(0).flip(0)
-    level = capped_water_level(base, flexible.float().sum() * k, demand[0])
-    cap = torch.minimum(level.expand(E), base + demand[0])
-    inv_demand = 1.0 / demand.clamp(min=1)
-    taken = flexible.float().repeat_interleave(k)  # the first k of every flexible row count
-    load = base.clone()
     sel = torch.empty_like(pool_idx)  # per row: candidates in price order, the first k taken
-    for (a, b), pool_b, noise_b, sel_b, demand_b, inv_b in zip(
-        bounds, pool_idx.split(sizes), noise.split(sizes), sel.split(sizes), demand, inv_demand
+    for (a, b), pool_b, noise_b, sel_b, bins_b in zip(
+        bounds, pool_idx.split(sizes), noise.split(sizes), sel.split(sizes), bins_per_room
     ):
-        price = _prices(cap - load, demand_b, inv_b)
+        price = _prices(room, bins_b, table, half)
         order = torch.sort(price.take(pool_b).add_(noise_b).view(torch.int32), dim=1)[1]
         torch.gather(pool_b, 1, order, out=sel_b)
-        load.index_add_(0, sel_b[:, :k].reshape(-1), taken[a * k:b * k])
+        room.index_add_(0, sel_b[:, :k].reshape(-1), taken[a * k:b * k])
     if repair_rounds and c > k:
-        _repair(sel, valid, flexible, load, cap, k, repair_rounds)
+        _repair(sel, valid, flexible, cap - room, cap, k, repair_rounds)
     return sel[:, :k]
 
 
