@@ -139,16 +139,17 @@ class LaserParams:
             exactly (the least possible maximum load); the assignment fields below do not apply.
         assignment: how flexible tokens get their k experts. "blocked" (default): tokens
             priced in shrinking blocks, then repair rounds toward the water level; balances at
-            least as well as the paper's sequential greedy on the benchmark workload, 2.4-2.9x
+            least as well as the paper's sequential greedy on the benchmark workload, 2.4-2.6x
             vanilla top-k's time on CPU at 8K tokens. "price": one price pass over all
-            tokens, 1.5-1.8x vanilla's time, loads a few percent above the water level
+            tokens, 1.4-1.6x vanilla's time, loads a few percent above the water level
             (results/routers_cpu.md; ``policies.laser_routing``).
         block_ratio, min_block: the "blocked" assignment prices ``block_ratio`` of the tokens
             left at a time (at least ``min_block``); smaller blocks balance tighter and cost
             about 15 tensor ops each (``policies.laser_routing.block_bounds``).
         repair_rounds: rounds of moves from experts above the water level to candidates with
             room after the "blocked" pricing (0 disables); layers where many tokens are
-            skewed balance closer to the greedy with more (8: on par on the github workload).
+            skewed balance closer to the greedy with more (8: on par or better in every layer
+            of the github workload, results/routers_cpu_github_repair8.md).
         price_rounds: passes of the "price" assignment (>= 1): the first uses prices computed
             from the demand, each further one corrects them from the loads it measured
             (2: tighter balance for one more top-k over [T, c]).

@@ -34,6 +34,7 @@ rank's call on its T tokens.
 Usage:
     python scripts/bench_routers.py            # T in {1024, 8192, 65536} (make bench)
     python scripts/bench_routers.py --quick    # T in {1024, 8192}, 2 repeats (make demo)
+    python scripts/bench_routers.py --domain github --laser-args repair_rounds=8
 Writes ``--out`` (JSON: config, environment, every figure) and the same path with ``.md`` (the
 table printed to stdout). Progress goes to stderr.
 """
@@ -53,12 +54,13 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout even without `pip install -e .`
 
 from moebalance import metrics  # noqa: E402
-from moebalance.config import ConfigError, LaserParams, RoutingContext  # noqa: E402
+from moebalance.config import ConfigError, RoutingContext  # noqa: E402
 from moebalance.policies import POLICIES, get_policy, laser_reference, route  # noqa: E402
 from moebalance.policies.gate import gate_weights, score_distribution  # noqa: E402
 from moebalance.policies.topk_routing import topk_indices  # noqa: E402
@@ -107,7 +109,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--domain", default="c4", help="text domain of the load profiles (c4, github, arxiv)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic logits")
+    parser.add_argument(
+        "--laser-args",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="LaserParams overrides for the laser router and its sequential reference "
+        "(e.g. repair_rounds=8); values are YAML scalars",
+    )
     args = parser.parse_args(argv)
+    overrides = {}
+    for item in args.laser_args:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--laser-args expects key=value, got {item!r}")
+        overrides[key] = yaml.safe_load(raw)
+    try:
+        args.laser_params = get_policy("laser").params(overrides)
+    except ConfigError as err:
+        parser.error(f"--laser-args: {err}")
     try:
         names = [name.strip() for name in args.presets.split(",") if name.strip()]
         args.presets = [get_preset(name).name for name in names]
@@ -265,6 +285,7 @@ def bench_layer(
     shards = all_logits.chunk(EP_SIZE)
     logits, ctx = shards[0], RoutingContext(ep_rank=EP_RANK, ep_size=EP_SIZE, layer=layer)
     params = {name: get_policy(name).params() for name in POLICIES}
+    params["laser"] = args.laser_params
     fns = {name: policy.fn for name, policy in POLICIES.items()}
     fns[INT_TOPK], params[INT_TOPK] = topk_int_keys, None
     controls = [INT_TOPK]
@@ -292,9 +313,11 @@ def bench_layer(
                 out[name]["cpu_times"].append(time.process_time() - cpu)
         if num_tokens <= REFERENCE_MAX_TOKENS:
             wall, cpu = time.perf_counter(), time.process_time()
-            laser_reference(logits, gate, LaserParams(), ctx)
+            laser_reference(logits, gate, args.laser_params, ctx)
             times = [time.perf_counter() - wall], [time.process_time() - cpu]
-            routing = _ep_routing(laser_reference, shards, gate, LaserParams(), layer, REFERENCE, preset)
+            routing = _ep_routing(
+                laser_reference, shards, gate, args.laser_params, layer, REFERENCE, preset
+            )
             figures = layer_figures(routing, preset.topk)
             out[REFERENCE] = {**figures, "times": times[0], "cpu_times": times[1]}
     return out
@@ -415,8 +438,11 @@ def main(argv: list[str] | None = None) -> int:
         "ep_rank": EP_RANK,
         "ep_size": EP_SIZE,
         "reference_max_tokens": REFERENCE_MAX_TOKENS,
-        "routers": {name: dataclasses.asdict(get_policy(name).params()) for name in POLICIES},
-        "reference_params": dataclasses.asdict(LaserParams()),
+        "routers": {
+            name: dataclasses.asdict(args.laser_params if name == "laser" else get_policy(name).params())
+            for name in POLICIES
+        },
+        "reference_params": dataclasses.asdict(args.laser_params),
         "timing": "median of repeats of policy.fn under torch.no_grad (no validation), "
         "interleaved across routers, summed over layers; laser_reference timed once",
         "metrics": "MV = max/mean - 1 per layer; I_agg = mean over layers of max/mean; "

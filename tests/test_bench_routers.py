@@ -1,0 +1,46 @@
+"""The router benchmark script end to end on a tiny configuration."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_routers", ROOT / "scripts" / "bench_routers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_laser_args_reach_the_laser_router_and_its_reference(tmp_path):
+    bench = _bench()
+    out = tmp_path / "r.json"
+    argv = ["--presets", "olmoe", "--tokens", "64", "--repeats", "1", "--out", str(out),
+            "--laser-args", "repair_rounds=5", "eps_high=0.8"]
+    assert bench.main(argv) == 0
+    result = json.loads(out.read_text())
+    laser = result["config"]["routers"]["laser"]
+    assert laser["repair_rounds"] == 5 and laser["eps_high"] == 0.8
+    assert result["config"]["reference_params"] == laser
+    assert result["config"]["routers"]["laser_fast"]["eps_high"] == 0.9  # others keep defaults
+    rows = {r["router"]: r for r in result["results"]}
+    assert {"topk", "laser", "laser_reference"} <= set(rows)
+    # every routed token counted: k per token for the balancing-free routers
+    assert rows["laser"]["experts_per_token"] == 8.0
+    assert (out.with_suffix(".md")).exists()
+
+
+@pytest.mark.parametrize("bad, match", [(["repair_rounds"], "expects key=value"),
+                                        (["pool_size=0"], "pool_size must be an integer"),
+                                        (["rounds=2"], "unknown LaserParams field")])
+def test_bad_laser_args_get_a_clear_error(bad, match, capsys):
+    bench = _bench()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--laser-args", *bad])
+    assert match in capsys.readouterr().err
