@@ -494,13 +494,16 @@ def laser(
     if c == k or T == 0:  # nothing to choose (c = k: pool_idx is vanilla_idx)
         return _finish(logits, gate, vanilla_idx, flexible, pool_idx[:, :k], dist)
     trimmed = valid if params.min_score_ratio > 0 else None  # else every candidate is valid
-    if params.assignment == "price":
-        chosen_idx = price_assign(pool_idx, trimmed, flexible, load, k, params.price_rounds)
-    else:
-        chosen_idx = blocked_assign(
-            pool_idx, trimmed, flexible, load, k,
-            params.block_ratio, params.min_block, params.repair_rounds,
-        )
+    # the assignment only moves indices: no autograd bookkeeping (version counters, views) for
+    # its few hundred small ops; its [T, k] result is an index, never saved for backward
+    with torch.inference_mode():
+        if params.assignment == "price":
+            chosen_idx = price_assign(pool_idx, trimmed, flexible, load, k, params.price_rounds)
+        else:
+            chosen_idx = blocked_assign(
+                pool_idx, trimmed, flexible, load, k,
+                params.block_ratio, params.min_block, params.repair_rounds,
+            )
     return _finish(logits, gate, vanilla_idx, flexible, chosen_idx, dist)
 
 
