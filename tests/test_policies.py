@@ -745,3 +745,28 @@ def test_zero_tokens_give_an_empty_routing(name):
     r = route(name, torch.zeros(0, 8), gate, ctx=RoutingContext(ep_rank=1, ep_size=2))
     assert r.probs.shape == (0, 8) and r.routing_map.shape == (0, 8)
     check_routing(r)
+
+
+@pytest.mark.parametrize("pre_softmax", [False, True])
+@pytest.mark.parametrize("name", ["topk", "laser", "laser_fast", "load_only", "token_drop", "expanded_drop"])
+def test_weights_carry_the_gate_gradient(name, pre_softmax):
+    """With autograd on (training, or a router under a grad-enabled caller), the routing
+    weights stay differentiable in the logits whatever the assignment did without autograd:
+    for the routers that keep the gate's weights at the chosen experts, the gradient equals a
+    dense reference's (softmax over all experts, or over the chosen logits, masked to the map)."""
+    gate = GateConfig(num_experts=16, topk=4, pre_softmax=pre_softmax)
+    logits = logits_for(300, 16, 7, 2.0).requires_grad_(True)
+    ctx = RoutingContext(ep_rank=1, ep_size=4)
+    routing = route(name, logits, gate, ctx=ctx)
+    upstream = torch.randn(routing.probs.shape, generator=torch.Generator().manual_seed(1))
+    (grad,) = torch.autograd.grad((routing.probs * upstream).sum(), logits)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    if name in ("topk", "laser", "laser_fast", "load_only"):
+        ref_logits = logits.detach().double().requires_grad_(True)
+        chosen = routing.routing_map
+        if pre_softmax:
+            ref = torch.softmax(ref_logits, dim=-1) * chosen
+        else:
+            ref = torch.softmax(ref_logits.masked_fill(~chosen, float("-inf")), dim=-1)
+        (ref_grad,) = torch.autograd.grad((ref * upstream.double()).sum(), ref_logits)
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-6)
