@@ -139,9 +139,9 @@ class LaserParams:
             exactly (the least possible maximum load); the assignment fields below do not apply.
         assignment: how flexible tokens get their k experts. "blocked" (default): tokens
             priced in shrinking blocks, then repair rounds toward the water level; balances at
-            least as well as the paper's sequential greedy on the benchmark workload, 2.4-2.6x
+            least as well as the paper's sequential greedy on the benchmark workload, 2.2-2.6x
             vanilla top-k's time on CPU at 8K tokens. "price": one price pass over all
-            tokens, 1.4-1.6x vanilla's time, loads a few percent above the water level
+            tokens, 1.4-1.7x vanilla's time, loads a few percent above the water level
             (results/routers_cpu.md; ``policies.laser_routing``).
         block_ratio, min_block: the "blocked" assignment prices ``block_ratio`` of the tokens
             left at a time (at least ``min_block``); smaller blocks balance tighter and cost
