@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
+import yaml
 
 __all__ = [
     "ConfigError",
@@ -375,6 +376,26 @@ def check_logits(logits: torch.Tensor, gate: GateConfig, *, check_finite: bool =
     )
     if check_finite and logits.numel():
         _require(bool(torch.isfinite(logits).all()), "logits contain NaN or Inf")
+
+
+def parse_key_values(items: list[str], option: str) -> dict[str, Any]:
+    """Command-line overrides ["key=value", ...] -> {key: value}: each value read as a YAML
+    scalar ("8" -> 8, "0.5" -> 0.5, "true" -> True; "none" / "null" / "~" -> None; anything
+    that is not YAML stays a string, for the parameter's own validation to judge). ConfigError
+    naming ``option`` for an item without "="."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{option} expects key=value, got {item!r}")
+        if raw.lower() in ("none", "null", "~"):
+            out[key] = None
+            continue
+        try:
+            out[key] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            out[key] = raw
+    return out
 
 
 def from_dict(cls: type, data: dict[str, Any] | None) -> Any:

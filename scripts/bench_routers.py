@@ -54,13 +54,12 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout even without `pip install -e .`
 
 from moebalance import metrics  # noqa: E402
-from moebalance.config import ConfigError, RoutingContext  # noqa: E402
+from moebalance.config import ConfigError, RoutingContext, parse_key_values  # noqa: E402
 from moebalance.policies import POLICIES, get_policy, laser_reference, route  # noqa: E402
 from moebalance.policies.gate import gate_weights, score_distribution  # noqa: E402
 from moebalance.policies.topk_routing import topk_indices  # noqa: E402
@@ -118,13 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(e.g. repair_rounds=8); values are YAML scalars",
     )
     args = parser.parse_args(argv)
-    overrides = {}
-    for item in args.laser_args:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            parser.error(f"--laser-args expects key=value, got {item!r}")
-        overrides[key] = yaml.safe_load(raw)
     try:
+        overrides = parse_key_values(args.laser_args, "--laser-args")
         args.laser_params = get_policy("laser").params(overrides)
     except ConfigError as err:
         parser.error(f"--laser-args: {err}")

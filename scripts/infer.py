@@ -76,9 +76,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout without `pip install -e .`
 
-import yaml  # noqa: E402
-
-from moebalance.config import ConfigError, GateConfig  # noqa: E402
+from moebalance.config import ConfigError, GateConfig, parse_key_values  # noqa: E402
 from moebalance.distributed import LOAD_SCOPES, check_load_scope  # noqa: E402
 from moebalance.model_config import (  # noqa: E402
     DISPATCHERS,
@@ -111,20 +109,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parse_router_args(items: list[str], parser: _Parser) -> dict:
-    """["key=value", ...] -> {key: YAML-typed value}; "none"/"null" -> None."""
-    out = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            parser.error(f"--router-args expects key=value, got {item!r}")
-        if raw.lower() in ("none", "null", "~"):
-            out[key] = None
-            continue
-        try:
-            out[key] = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            out[key] = raw  # not a YAML scalar: the parameter's validation will say what is wrong
-    return out
+    """["key=value", ...] -> {key: YAML-typed value} (``moebalance.config.parse_key_values``)."""
+    try:
+        return parse_key_values(items, "--router-args")
+    except ConfigError as err:
+        parser.error(str(err))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -31,14 +31,15 @@ def test_laser_args_reach_the_laser_router_and_its_reference(tmp_path):
     assert result["config"]["routers"]["laser_fast"]["eps_high"] == 0.9  # others keep defaults
     rows = {r["router"]: r for r in result["results"]}
     assert {"topk", "laser", "laser_reference"} <= set(rows)
-    # every routed token counted: k per token for the balancing-free routers
+    # LASER moves experts, never adds or drops them: k = 8 per token
     assert rows["laser"]["experts_per_token"] == 8.0
     assert (out.with_suffix(".md")).exists()
 
 
 @pytest.mark.parametrize("bad, match", [(["repair_rounds"], "expects key=value"),
                                         (["pool_size=0"], "pool_size must be an integer"),
-                                        (["rounds=2"], "unknown LaserParams field")])
+                                        (["rounds=2"], "unknown LaserParams field"),
+                                        (["repair_rounds=[1"], "repair_rounds must be an integer")])
 def test_bad_laser_args_get_a_clear_error(bad, match, capsys):
     bench = _bench()
     with pytest.raises(SystemExit):

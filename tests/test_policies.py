@@ -701,7 +701,7 @@ def test_policies_never_synchronise_with_the_host(spec, name, params):
     bias = torch.linspace(-0.5, 0.5, E) if use_bias else None
     ctx = RoutingContext(ep_rank=1, ep_size=4, expert_load=load, expert_bias=bias)
     policy = get_policy(name)
-    resolved = policy.params(params) if params else policy.params()
+    resolved = policy.params(params)
     logits = logits_for(700, E, 3, 2.0)
     with torch.no_grad(), _HostSyncRecorder() as recorder:
         policy.fn(logits, gate, resolved, ctx)
