@@ -10,7 +10,7 @@ import yaml
 from moebalance import ConfigError
 from moebalance.model_config import ModelConfig, load_model_config, model_config_presets
 
-SHIPPED = ("tiny", "mixtral-8x7b", "olmoe-1b-7b", "deepseek-moe-16b")
+SHIPPED = ("tiny", "mixtral-8x7b", "olmoe-1b-7b", "deepseek-moe-16b", "tiny-wide")
 
 
 def test_shipped_presets_load_and_name_every_field():
@@ -23,10 +23,14 @@ def test_shipped_presets_load_and_name_every_field():
         keys = set(yaml.safe_load(presets[name].read_text()))
         assert keys == {f.name for f in dataclasses.fields(ModelConfig)}
     assert load_model_config(presets["tiny"]) == load_model_config("tiny")
+    # tiny-wide is tiny with 4x wider experts, nothing else
+    tiny, wide = load_model_config("tiny"), load_model_config("tiny-wide")
+    assert (wide.ffn_hidden_size, wide.moe_ffn_hidden_size) == (2048, 2048)
+    assert wide == tiny.replace(name="tiny-wide", ffn_hidden_size=2048, moe_ffn_hidden_size=2048)
 
 
 def test_real_shapes():
-    mixtral, olmoe, deepseek = (load_model_config(n) for n in SHIPPED[1:])
+    mixtral, olmoe, deepseek = (load_model_config(n) for n in SHIPPED[1:4])
     assert (mixtral.num_experts, mixtral.topk, mixtral.num_query_groups) == (8, 2, 8)
     assert not mixtral.pre_softmax  # softmax over the top-2 logits
     assert (olmoe.num_experts, olmoe.topk, olmoe.pre_softmax) == (64, 8, True)
