@@ -35,6 +35,7 @@ Usage:
     python scripts/bench_routers.py            # T in {1024, 8192, 65536} (make bench)
     python scripts/bench_routers.py --quick    # T in {1024, 8192}, 2 repeats (make demo)
     python scripts/bench_routers.py --domain github --laser-args repair_rounds=8
+    python scripts/bench_routers.py --threads 1  # one rank's share under torchrun's default
 Writes ``--out`` (JSON: config, environment, every figure) and the same path with ``.md`` (the
 table printed to stdout). Progress goes to stderr.
 """
@@ -116,7 +117,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="LaserParams overrides for the laser router and its sequential reference "
         "(e.g. repair_rounds=8); values are YAML scalars",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads while timing (default: torch's, here the machine's cores); "
+        "1 is what each rank of a torchrun job gets unless OMP_NUM_THREADS says otherwise",
+    )
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     try:
         overrides = parse_key_values(args.laser_args, "--laser-args")
         args.laser_params = get_policy("laser").params(overrides)
@@ -363,7 +373,7 @@ def markdown(records: list[dict], config: dict, env: dict) -> str:
         f"`{config.get('command', 'python scripts/bench_routers.py')}`. "
         f"Synthetic logits calibrated to real loads (`moebalance.workloads`, domain "
         f"{config['domain']}, seed {config['seed']}); median of {config['repeats']} timed repeats; "
-        f"torch {env['torch']}, {env['torch_threads']} threads, {env['cpu_model']}.",
+        f"torch {env['torch']}, {env['torch_threads']} intra-op thread(s), {env['cpu_model']}.",
         "MV per layer = max/mean - 1 (the preset's layers); I_agg = mean over layers of max/mean; "
         "time = sum over layers of the median routing time, and as a multiple of vanilla top-k "
         "on the same logits (wall; CPU = process CPU time, all threads). "
@@ -420,6 +430,16 @@ def markdown(records: list[dict], config: dict, env: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args, argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     env = environment()
     config = {
         "command": " ".join(["python scripts/bench_routers.py", *(sys.argv[1:] if argv is None else argv)]),
@@ -427,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         "tokens": args.tokens,
         "repeats": args.repeats,
         "quick": args.quick,
+        "threads": args.threads,
         "domain": args.domain,
         "seed": args.seed,
         "ep_rank": EP_RANK,

@@ -36,6 +36,20 @@ def test_laser_args_reach_the_laser_router_and_its_reference(tmp_path):
     assert (out.with_suffix(".md")).exists()
 
 
+def test_threads_apply_while_timing_and_are_restored(tmp_path):
+    import torch
+
+    bench = _bench()
+    before = torch.get_num_threads()
+    out = tmp_path / "r.json"
+    argv = ["--presets", "mixtral", "--tokens", "32", "--repeats", "1", "--threads", "1",
+            "--out", str(out)]
+    assert bench.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["config"]["threads"] == 1 and result["environment"]["torch_threads"] == 1
+    assert torch.get_num_threads() == before  # the caller's setting is back
+
+
 @pytest.mark.parametrize("bad, match", [(["repair_rounds"], "expects key=value"),
                                         (["pool_size=0"], "pool_size must be an integer"),
                                         (["rounds=2"], "unknown LaserParams field"),
@@ -45,3 +59,9 @@ def test_bad_laser_args_get_a_clear_error(bad, match, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--laser-args", *bad])
     assert match in capsys.readouterr().err
+
+
+def test_bad_threads_get_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        _bench().parse_args(["--threads", "0"])
+    assert "--threads must be >= 1, got 0" in capsys.readouterr().err

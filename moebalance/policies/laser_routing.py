@@ -368,11 +368,11 @@ def _ranks_in_groups(
     num_groups: int,
     cols: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """[n] float each: for flagged entries, 1 + the number of flagged entries before them with
+    """[n] int32 each: for flagged entries, 1 + the number of flagged entries before them with
     the same ``group_a`` (first) and with the same ``group_b`` (second): one cumulative count
-    along contiguous [2 groups, n] rows."""
-    counts = torch.zeros(2 * num_groups, flag.shape[0], device=flag.device)
-    f = flag.float()
+    along contiguous [2 groups, n] rows (int32: a third of the float cumsum's time on CPU)."""
+    counts = torch.zeros(2 * num_groups, flag.shape[0], dtype=torch.int32, device=flag.device)
+    f = flag.int()
     counts.index_put_((group_a, cols), f)
     counts.index_put_((group_b + num_groups, cols), f)
     counts.cumsum_(1)
