@@ -140,10 +140,11 @@ class LaserParams:
             exactly (the least possible maximum load); the assignment fields below do not apply.
         assignment: how flexible tokens get their k experts. "blocked" (default): tokens
             priced in shrinking blocks, then repair rounds toward the water level; balances at
-            least as well as the paper's sequential greedy on the benchmark workload, 2.2-2.6x
-            vanilla top-k's time on CPU at 8K tokens. "price": one price pass over all
-            tokens, 1.4-1.7x vanilla's time, loads a few percent above the water level
-            (results/routers_cpu.md; ``policies.laser_routing``).
+            least as well as the paper's sequential greedy on the benchmark workload, 1.6-2.0x
+            vanilla top-k's time on one CPU thread at 8K tokens (2.2-2.6x with two threads,
+            which vanilla's top-k uses and the assignment cannot). "price": one price pass
+            over all tokens, 1.2-1.7x vanilla's time, loads a few percent above the water
+            level (results/routers_cpu.md, routers_cpu_1thread.md; ``policies.laser_routing``).
         block_ratio, min_block: the "blocked" assignment prices ``block_ratio`` of the tokens
             left at a time (at least ``min_block``); smaller blocks balance tighter and cost
             about 15 tensor ops each (``policies.laser_routing.block_bounds``).

@@ -23,10 +23,11 @@ loop over tokens or a host synchronisation:
   from the room the blocks before it left; then a few repair rounds move tokens from experts
   above the water level to candidates with room, directly or through one other expert. On
   the calibrated benchmark workloads it balances at least as well as the sequential greedy
-  in every cell (results/routers_cpu.md), at 2.2-2.6x vanilla top-k's time on CPU at 8K
-  tokens (1.5-1.8x at 64K).
+  in every cell (results/routers_cpu.md), at 1.6-2.0x vanilla top-k's time on one CPU thread
+  at 8K tokens (results/routers_cpu_1thread.md) and 2.2-2.6x with two threads, which
+  vanilla's top-k uses and this assignment's few hundred small ops cannot (1.3-1.8x at 64K).
 - ``assignment="price"`` (the ``laser_fast`` router, ``price_assign``): one price pass over
-  all tokens: 1.4-1.7x vanilla's time at 8K tokens, loads a few percent above the level.
+  all tokens: 1.2-1.7x vanilla's time at 8K tokens, loads a few percent above the level.
 
 ``load_only`` (every pool = all experts) has an exact closed form instead: water-filling to the
 least possible maximum and McNaughton's wrap-around to deal the slots (``load_only_indices``).
