@@ -21,9 +21,9 @@ the control costs what Megatron costs. ``topk_int_keys`` is vanilla top-k with t
 decisions and weights computed as the balancing policies compute theirs (``topk_nonnegative``,
 dense outputs built in place): a faster control, for what those two tricks alone buy.
 
-``laser_reference`` (the paper's sequential greedy, a Python loop over tokens) is run once at
-T <= 8192 for the balance comparison with the vectorised ``laser`` (and ``laser_fast``, the
-same pools with the price assignment).
+``laser_reference`` (the paper's sequential greedy, a Python loop over tokens, kept in
+``tests/laser_reference.py``) is run once at T <= 8192 for the balance comparison with the
+vectorised ``laser`` (and ``laser_fast``, the same pools with the price assignment).
 
 Expert parallelism is simulated with EP = 8: T is the number of tokens *per rank*; each of the 8
 ranks routes its own T tokens with its own ``RoutingContext(ep_rank=r, ep_size=8)`` (LASER with
@@ -58,10 +58,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout even without `pip install -e .`
+# the paper's sequential greedy is test code (a Python loop over tokens): tests/laser_reference.py
+if str(ROOT / "tests") not in sys.path:
+    sys.path.append(str(ROOT / "tests"))
 
+from laser_reference import laser_reference  # noqa: E402
 from moebalance import metrics  # noqa: E402
 from moebalance.config import ConfigError, RoutingContext, parse_key_values  # noqa: E402
-from moebalance.policies import POLICIES, get_policy, laser_reference, route  # noqa: E402
+from moebalance.policies import POLICIES, get_policy, route  # noqa: E402
 from moebalance.policies.gate import gate_weights, score_distribution  # noqa: E402
 from moebalance.policies.topk_routing import topk_indices  # noqa: E402
 from moebalance.routing import Routing, check_routing, routing_from_indices  # noqa: E402

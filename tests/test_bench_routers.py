@@ -53,7 +53,8 @@ def test_threads_apply_while_timing_and_are_restored(tmp_path):
 @pytest.mark.parametrize("bad, match", [(["repair_rounds"], "expects key=value"),
                                         (["pool_size=0"], "pool_size must be an integer"),
                                         (["rounds=2"], "unknown LaserParams field"),
-                                        (["repair_rounds=[1"], "repair_rounds must be an integer")])
+                                        (["repair_rounds=[1"], "repair_rounds must be an integer"),
+                                        (["load_only=true"], "router 'laser' runs load_only=False")])
 def test_bad_laser_args_get_a_clear_error(bad, match, capsys):
     bench = _bench()
     with pytest.raises(SystemExit):

@@ -115,6 +115,24 @@ def test_presets_have_documented_shapes():
                 assert float(p.profile(layer, domain).mean()) == pytest.approx(1.0, abs=1e-3)
 
 
+def test_presets_read_their_profiles_from_the_package_data_file():
+    """The measured profiles come from ``workload_profiles.json`` beside the module (package
+    data, found when installed), every float as written there."""
+    import importlib.resources
+    import json
+
+    text = importlib.resources.files("moebalance").joinpath(wl.PROFILES_FILE).read_text()
+    data = json.loads(text)
+    assert "allenai/OLMoE" in data["about"]  # the source of the numbers is named in the file
+    for preset in wl.PRESETS.values():
+        model = preset.source_model or "olmoe-1b-7b-0924"  # deepseek borrows OLMoE's
+        table = data["models"][model]
+        assert preset.domains == tuple(table) and preset.layers == tuple(data["layers"])
+        for domain, profiles in table.items():
+            for layer, profile in zip(data["layers"], profiles):
+                assert preset.profile(layer, domain).tolist() == profile
+
+
 def test_unknown_names_raise_config_error_listing_choices():
     with pytest.raises(ConfigError, match="deepseek.*mixtral.*olmoe"):
         wl.get_preset("qwen")
@@ -152,7 +170,7 @@ def test_load_expert_counts_missing_file_is_a_clear_error(tmp_path):
 
 @pytest.mark.needs_shared_data
 @skip_without_shared_data
-def test_hard_coded_profiles_match_the_real_counts():
+def test_profile_file_matches_the_real_counts():
     for preset in wl.PRESETS.values():
         model = preset.source_model
         if model is None:
@@ -163,8 +181,8 @@ def test_hard_coded_profiles_match_the_real_counts():
             for layer in preset.layers:
                 real = counts[layer].double()
                 rounded = [float(f"{x:.4g}") for x in (real / real.mean()).tolist()]
-                hard_coded = preset.profile(layer, domain).tolist()
-                assert rounded == hard_coded, (preset.name, domain, layer)
+                stored = preset.profile(layer, domain).tolist()
+                assert rounded == stored, (preset.name, domain, layer)
 
 
 @pytest.mark.needs_shared_data

@@ -28,8 +28,8 @@ __all__ = [
 def _masked(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """``torch.where(keep, values, 0.0)`` for fp32 ``values``, bit for bit: the float bits
     ANDed with 0 or all ones. Neither a product (the tiny, subnormal scores of a peaked softmax
-    take the slow path on x86 CPUs) nor ``where`` on a bool mask (2.4x slower on CPU for
-    [8K, 64]). Values that autograd tracks take ``where``: bit operations have no gradient."""
+    take the slow path on x86 CPUs) nor ``where`` on a bool mask (a slower kernel on CPU).
+    Values that autograd tracks take ``where``: bit operations have no gradient."""
     if values.dtype != torch.float32 or (values.requires_grad and torch.is_grad_enabled()):
         return torch.where(keep, values, 0.0)
     return (values.view(torch.int32) & keep.int().neg_()).view(torch.float32)

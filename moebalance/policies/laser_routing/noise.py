@@ -1,0 +1,38 @@
+"""The fixed tie noise of LASER's assignments: the same Gumbel draws on every call and device."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+__all__ = ["TIE_SEED", "REPAIR_SEED", "fixed_noise"]
+
+TIE_SEED = 0x1A5E  # the pricing passes' tie noise
+REPAIR_SEED = 0x5EED  # the repair rounds' choices
+_NOISE: dict[tuple, torch.Tensor] = {}
+_NOISE_LOCK = threading.Lock()
+
+
+def fixed_noise(rows: int, cols: int, device: torch.device, seed: int) -> torch.Tensor:
+    """[rows, cols] fixed negated Gumbel draws shifted to be positive (in [0.3, 31.4]).
+
+    Drawn on the CPU from ``seed`` in row-major order and moved to ``device``: the same values
+    on every device, and row t is the same whatever ``rows`` a call asks for (a table grown on
+    demand and sliced), so batches of different sizes share one table per (cols, device).
+    """
+    key = (seed, cols, str(device))
+    table = _NOISE.get(key)
+    if table is None or table.shape[0] < rows:
+        with _NOISE_LOCK:
+            table = _NOISE.get(key)
+            if table is None or table.shape[0] < rows:
+                n = max(rows, 1024, 2 * (0 if table is None else table.shape[0]))
+                gen = torch.Generator().manual_seed(seed)
+                u = torch.rand((n, cols), generator=gen, dtype=torch.float64)
+                u = u.clamp(1e-12, 1 - 1e-12)
+                # log(-log u) lies in [-27.7, 3.4]: shifted to be positive, so that keys
+                # (non-negative prices + noise) can use the int32 view of the floats
+                table = (torch.log(-torch.log(u)) + 28.0).float().to(device)
+                _NOISE[key] = table
+    return table[:rows]

@@ -1,0 +1,72 @@
+"""The water level: the least possible maximum load, and the load-only router's closed form.
+
+``capped_water_level`` is the target both LASER assignments aim at (the least possible maximum
+load if every flexible token could take any k of its candidates); ``load_only_indices`` deals
+the load-only router's slots exactly at that level.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...config import GateConfig
+
+__all__ = ["capped_water_level", "load_only_indices"]
+
+
+def capped_water_level(base: torch.Tensor, need: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+    """Smallest integer L with sum_e clamp(L - base_e, 0, limit_e) >= need.
+
+    base, limit: [E] float (integer-valued); need: 0-dim float, at most sum(limit). Returns a
+    0-dim float. The sum is piecewise linear in L with breakpoints base_e and base_e + limit_e:
+    it is evaluated at all 2E breakpoints at once, every segment between two breakpoints is
+    solved for the level it would give, and the segment that crosses ``need`` is picked with
+    a tensor index (no loop, no host synchronisation: about 25 small tensor ops).
+    """
+    bp = torch.sort(torch.cat([base, base + limit]))[0]
+    fill = (bp.unsqueeze(1) - base).clamp_(min=0)
+    fill = torch.minimum(fill, limit).sum(dim=1)  # [2E] the sum at each breakpoint
+    lo, hi, fill_lo = bp[:-1], bp[1:], fill[:-1]
+    # segment s = [bp_s, bp_s+1]: slope = experts filling inside it (an exact integer ratio)
+    slope = (fill[1:] - fill_lo) / (hi - lo).clamp_(min=1)
+    inside = torch.minimum(lo + ((need - fill_lo) / slope.clamp_(min=1)).ceil_(), hi)
+    first = (fill < need).sum().clamp_(max=bp.numel() - 1)  # first breakpoint reaching need
+    # first = 0: need <= 0, the lowest breakpoint; else the level inside segment first - 1
+    return torch.cat([bp[:1], inside]).take(first)
+
+
+def load_only_indices(
+    num_tokens: int, gate: GateConfig, base: torch.Tensor, first_expert: int = 0
+) -> torch.Tensor:
+    """[T, k] experts of the load-only router: every token k distinct experts, maximum load minimal.
+
+    Water-filling: with starting loads ``base`` [E], the smallest integer level L whose room
+    (each expert at most T more, one per token) holds the T k assignments; every expert is
+    filled to L - 1 and just enough of them to L (the least loaded first; ties from expert
+    ``first_expert`` onwards, the calling EP rank's first local expert, so that ranks spread
+    the extra ones). The T k slots are then laid out expert by expert and dealt to tokens
+    column by column (McNaughton's wrap-around): slot j of token t is position j T + t, so a
+    token never gets an expert twice because no expert holds more than T slots. The maximum
+    load is the least possible, which the sequential greedy can only match. Scores are
+    ignored, as the load-only lower bound prescribes.
+    """
+    k, E = gate.topk, gate.num_experts
+    dev = base.device
+    base = base.float()
+    limit = torch.full_like(base, float(num_tokens))
+    need = torch.tensor(float(num_tokens * k), device=dev)
+    level = capped_water_level(base, need, limit)
+    counts = torch.minimum((level - 1 - base).clamp(min=0), limit)
+    short = need - counts.sum()
+    # experts that can take one more at ``level``: least loaded first, ties from this rank's
+    # first local expert onwards (EP ranks spread their extra slots, each over its own experts)
+    rotated = (torch.arange(E, device=dev) + first_expert) % E
+    order = rotated[torch.argsort(base[rotated], stable=True)]
+    can_sorted = ((base <= level - 1) & (counts < limit))[order]
+    extra_sorted = can_sorted & (torch.cumsum(can_sorted.long(), 0) <= short)
+    extra = torch.zeros_like(can_sorted).scatter_(0, order, extra_sorted)
+    counts = (counts + extra.float()).long()
+    slots = torch.repeat_interleave(
+        torch.arange(E, device=dev), counts, output_size=num_tokens * k
+    )
+    return slots.view(k, num_tokens).t()
