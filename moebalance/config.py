@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -16,6 +18,8 @@ import yaml
 
 __all__ = [
     "ConfigError",
+    "MAX_CAPACITY_FACTOR",
+    "MAX_ROUNDS",
     "GateConfig",
     "TopKParams",
     "LaserParams",
@@ -40,10 +44,49 @@ def _require(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+# Upper bounds that keep every derived size finite and every loop short. gamma >= E / k already
+# means "never drop" (C >= T), so 1e6 is far past any useful value, yet C = ceil(gamma T k / E)
+# stays a finite int64-sized integer (gamma = 1e300 is an OverflowError in ``math.ceil`` on every
+# rank). Repair rounds allocate [rounds, n, c] noise up front (1e9 rounds: 128 GB), and each
+# round of either kind costs time; the tuned values are 1-8, so 64 leaves ample room.
+MAX_CAPACITY_FACTOR = 1e6
+MAX_ROUNDS = 64
+
+
+def _is_int(value: Any) -> bool:
+    """An integer (Python or NumPy), not a bool."""
+    if type(value) is int:  # the common case, without the slower ABC check (hot path)
+        return True
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """A finite real number (int or float, Python or NumPy), not a bool and not NaN or inf."""
+    if type(value) is float:  # the common cases first, without the slower ABC check
+        return math.isfinite(value)
+    if type(value) is int:
+        return True
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    return isinstance(value, numbers.Integral) or math.isfinite(value)
+
+
+def _require_bool(name: str, value: Any) -> None:
+    _require(isinstance(value, bool), f"{name} must be true or false, got {value!r}")
+
+
+def _require_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    _require(
+        isinstance(value, str) and value in choices,
+        f"{name} must be one of {choices}, got {value!r}",
+    )
+
+
 def _check_capacity_factor(value: Any) -> None:
     _require(
-        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0,
-        f"capacity_factor (gamma) must be a finite number > 0, got {value!r}",
+        _is_number(value) and 0 < value <= MAX_CAPACITY_FACTOR,
+        f"capacity_factor (gamma) must be a finite number > 0 and <= {int(MAX_CAPACITY_FACTOR)}, "
+        f"got {value!r}",
     )
 
 
@@ -75,29 +118,30 @@ class GateConfig:
 
     def __post_init__(self) -> None:
         _require(
-            isinstance(self.num_experts, int) and self.num_experts >= 1,
+            _is_int(self.num_experts) and self.num_experts >= 1,
             f"num_experts must be an integer >= 1, got {self.num_experts!r}",
         )
         _require(
-            isinstance(self.topk, int) and 1 <= self.topk <= self.num_experts,
+            _is_int(self.topk) and 1 <= self.topk <= self.num_experts,
             f"topk must be an integer in [1, num_experts={self.num_experts}], got {self.topk!r}",
         )
-        _require(
-            self.score_function in SCORE_FUNCTIONS,
-            f"score_function must be one of {SCORE_FUNCTIONS}, got {self.score_function!r}",
-        )
+        _require_choice("score_function", self.score_function, SCORE_FUNCTIONS)
+        _require_bool("pre_softmax", self.pre_softmax)
         _require(
             (self.num_groups is None) == (self.group_topk is None),
             "num_groups and group_topk must be given together (group-limited top-k) or both None",
         )
         if self.num_groups is not None:
             _require(
-                self.num_groups >= 1 and self.num_experts % self.num_groups == 0,
-                f"num_groups must divide num_experts={self.num_experts}, got {self.num_groups}",
+                _is_int(self.num_groups) and self.num_groups >= 1
+                and self.num_experts % self.num_groups == 0,
+                f"num_groups must be an integer >= 1 dividing num_experts={self.num_experts}, "
+                f"got {self.num_groups!r}",
             )
             _require(
-                1 <= self.group_topk <= self.num_groups,
-                f"group_topk must be in [1, num_groups={self.num_groups}], got {self.group_topk}",
+                _is_int(self.group_topk) and 1 <= self.group_topk <= self.num_groups,
+                f"group_topk must be an integer in [1, num_groups={self.num_groups}], "
+                f"got {self.group_topk!r}",
             )
             _require(
                 self.topk % self.group_topk == 0,
@@ -109,7 +153,7 @@ class GateConfig:
             )
         if self.scaling_factor is not None:
             _require(
-                math.isfinite(self.scaling_factor) and self.scaling_factor > 0,
+                _is_number(self.scaling_factor) and self.scaling_factor > 0,
                 f"scaling_factor must be a finite number > 0 or None, got {self.scaling_factor!r}",
             )
 
@@ -138,13 +182,13 @@ class LaserParams:
         min_score_ratio: in [0, 1]; 0 disables trimming.
         load_only: pool = all experts, scores ignored: the accuracy-agnostic lower bound, solved
             exactly (the least possible maximum load); the assignment fields below do not apply.
+            Fixed by the router: True for ``load_only``, False for ``laser`` and ``laser_fast``.
         assignment: how flexible tokens get their k experts. "blocked" (default): tokens
             priced in shrinking blocks, then repair rounds toward the water level; balances at
-            least as well as the paper's sequential greedy on the benchmark workload, 1.6-2.0x
-            vanilla top-k's time on one CPU thread at 8K tokens (2.2-2.6x with two threads,
-            which vanilla's top-k uses and the assignment cannot). "price": one price pass
-            over all tokens, 1.2-1.7x vanilla's time, loads a few percent above the water
-            level (results/routers_cpu.md, routers_cpu_1thread.md; ``policies.laser_routing``).
+            least as well as the paper's sequential greedy on the benchmark workloads, with a
+            few hundred small tensor ops. "price" (fixed by the ``laser_fast`` router): one
+            price pass over all tokens, far fewer ops, loads a few percent above the water
+            level (``policies.laser_routing``; timings in results/routers_cpu*.md).
         block_ratio, min_block: the "blocked" assignment prices ``block_ratio`` of the tokens
             left at a time (at least ``min_block``); smaller blocks balance tighter and cost
             about 15 tensor ops each (``policies.laser_routing.block_bounds``).
@@ -172,49 +216,67 @@ class LaserParams:
 
     def __post_init__(self) -> None:
         _require(
-            self.pool_size is None or (isinstance(self.pool_size, int) and self.pool_size >= 1),
+            self.pool_size is None or (_is_int(self.pool_size) and self.pool_size >= 1),
             f"pool_size must be an integer >= topk or None, got {self.pool_size!r}",
         )
         _require(
-            self.top_m is None or (isinstance(self.top_m, int) and self.top_m >= 1),
+            self.top_m is None or (_is_int(self.top_m) and self.top_m >= 1),
             f"top_m must be an integer >= 1 or None, got {self.top_m!r}",
         )
         _require(
-            isinstance(self.eps_high, (int, float)) and self.eps_high > 0,
-            f"eps_high must be a number > 0 (top-M mass threshold), got {self.eps_high!r}",
+            _is_number(self.eps_high) and self.eps_high > 0,
+            f"eps_high must be a finite number > 0 (top-M mass threshold), got {self.eps_high!r}",
         )
         _require(
-            0.0 <= self.min_score_ratio <= 1.0,
-            f"min_score_ratio must be in [0, 1], got {self.min_score_ratio!r}",
+            _is_number(self.min_score_ratio) and 0.0 <= self.min_score_ratio <= 1.0,
+            f"min_score_ratio must be a number in [0, 1], got {self.min_score_ratio!r}",
         )
+        _require_bool("load_only", self.load_only)
         _require(
-            self.assignment in ("blocked", "price"),
+            isinstance(self.assignment, str) and self.assignment in ("blocked", "price"),
             f"assignment must be 'blocked' or 'price', got {self.assignment!r}",
         )
         _require(
-            isinstance(self.block_ratio, (int, float))
-            and not isinstance(self.block_ratio, bool)
-            and 0 < self.block_ratio <= 1,
+            _is_number(self.block_ratio) and 0 < self.block_ratio <= 1,
             f"block_ratio must be in (0, 1], got {self.block_ratio!r}",
         )
         _require(
-            isinstance(self.min_block, int) and not isinstance(self.min_block, bool) and self.min_block >= 1,
+            _is_int(self.min_block) and self.min_block >= 1,
             f"min_block must be an integer >= 1, got {self.min_block!r}",
         )
         _require(
-            isinstance(self.repair_rounds, int)
-            and not isinstance(self.repair_rounds, bool)
-            and self.repair_rounds >= 0,
-            f"repair_rounds must be an integer >= 0, got {self.repair_rounds!r}",
+            _is_int(self.repair_rounds) and 0 <= self.repair_rounds <= MAX_ROUNDS,
+            f"repair_rounds must be an integer >= 0 and <= {MAX_ROUNDS}, got {self.repair_rounds!r}",
         )
         _require(
-            isinstance(self.price_rounds, int) and self.price_rounds >= 1,
-            f"price_rounds must be an integer >= 1, got {self.price_rounds!r}",
+            _is_int(self.price_rounds) and 1 <= self.price_rounds <= MAX_ROUNDS,
+            f"price_rounds must be an integer >= 1 and <= {MAX_ROUNDS}, got {self.price_rounds!r}",
         )
+        _require(
+            isinstance(self.per_layer, Mapping),
+            "per_layer must be a mapping {layer_index: {field: value}}, "
+            f"got {type(self.per_layer).__name__}",
+        )
+        names = {f.name for f in fields(self)} - {"per_layer"}
         for layer, over in self.per_layer.items():
-            names = {f.name for f in fields(self)}
-            bad = (set(over) - names) | (set(over) & {"per_layer"})
-            _require(not bad, f"per_layer[{layer}] has unknown LASER fields {sorted(bad)}")
+            _require(
+                _is_int(layer) and layer >= 0,
+                f"per_layer keys must be layer indices (integers >= 0), got {layer!r}",
+            )
+            _require(
+                isinstance(over, Mapping),
+                f"per_layer[{layer}] must be a mapping {{field: value}}, got {type(over).__name__}",
+            )
+            bad = set(over) - names
+            _require(
+                not bad,
+                f"per_layer[{layer}] has unknown LASER fields {sorted(bad, key=str)}; "
+                f"allowed: {sorted(names)}",
+            )
+            try:  # each layer's resolved parameters are checked now, not when that layer routes
+                self.for_layer(layer)
+            except ConfigError as err:
+                raise ConfigError(f"per_layer[{layer}]: {err}") from None
 
     def for_layer(self, layer: int | None) -> "LaserParams":
         """The parameters for one layer: the overrides in ``per_layer`` applied."""
@@ -243,7 +305,8 @@ class TokenDropParams:
     """Capacity-aware token drop (arXiv 2503.05066).
 
     Attributes:
-        capacity_factor: gamma > 0; capacity C = ceil(gamma * T * k / E).
+        capacity_factor: gamma in (0, 1e6]; capacity C = ceil(gamma * T * k / E) (gamma >= E / k
+            never drops; the bound keeps C a finite integer).
         drop_policy: which overflow tokens go: "score" (keep the highest S[t, e]), "order" (keep the
             earliest), "reverse" (keep the latest), "random" (seeded by ``RoutingContext.seed``).
         scope: "expert" caps each expert at C; "device" caps each EP rank's experts together at
@@ -260,14 +323,10 @@ class TokenDropParams:
 
     def __post_init__(self) -> None:
         _check_capacity_factor(self.capacity_factor)
-        _require(
-            self.drop_policy in DROP_POLICIES,
-            f"drop_policy must be one of {DROP_POLICIES}, got {self.drop_policy!r}",
-        )
-        _require(
-            self.scope in CAPACITY_SCOPES,
-            f"scope must be one of {CAPACITY_SCOPES}, got {self.scope!r}",
-        )
+        _require_choice("drop_policy", self.drop_policy, DROP_POLICIES)
+        _require_choice("scope", self.scope, CAPACITY_SCOPES)
+        _require_bool("prefill_only", self.prefill_only)
+        _require_bool("renormalize", self.renormalize)
 
     def validate(self, gate: GateConfig) -> None:
         return None
@@ -281,7 +340,7 @@ class ExpandedDropParams:
     C highest-scoring candidates (C = ceil(gamma * T * k / E)).
 
     Attributes:
-        capacity_factor: gamma > 0.
+        capacity_factor: gamma in (0, 1e6].
         max_experts_per_token: keep at most this many experts per token (best scores first);
             None = no cap (the paper's behaviour, a token may end with more than k experts).
         prefill_only: no capacity and no expansion in decode steps.
@@ -298,9 +357,11 @@ class ExpandedDropParams:
         _check_capacity_factor(self.capacity_factor)
         _require(
             self.max_experts_per_token is None
-            or (isinstance(self.max_experts_per_token, int) and self.max_experts_per_token >= 1),
+            or (_is_int(self.max_experts_per_token) and self.max_experts_per_token >= 1),
             f"max_experts_per_token must be an integer >= 1 or None, got {self.max_experts_per_token!r}",
         )
+        _require_bool("prefill_only", self.prefill_only)
+        _require_bool("renormalize", self.renormalize)
 
     def validate(self, gate: GateConfig) -> None:
         return None
@@ -315,7 +376,8 @@ class RoutingContext:
         ep_rank, ep_size: this rank in the expert-parallel group; experts live contiguously,
             expert e on rank e // (E / ep_size).
         expert_load: optional [E] load already on each expert (e.g. EP-global counts from other
-            ranks) that LASER's least-loaded choice starts from.
+            ranks) that LASER's least-loaded choice starts from; finite and >= 0 (checked by
+            ``validate``, for CUDA tensors only on request: see there).
         expert_bias: optional [E] float, sigmoid-gate bias (aux-loss-free balancing).
         decode: True for single-token decode steps (prefill-only policies then route vanilla).
         layer: index of the MoE layer (per-layer parameters).
@@ -332,15 +394,47 @@ class RoutingContext:
 
     def __post_init__(self) -> None:
         _require(
-            isinstance(self.ep_size, int) and self.ep_size >= 1,
+            _is_int(self.ep_size) and self.ep_size >= 1,
             f"ep_size must be an integer >= 1, got {self.ep_size!r}",
         )
         _require(
-            isinstance(self.ep_rank, int) and 0 <= self.ep_rank < self.ep_size,
+            _is_int(self.ep_rank) and 0 <= self.ep_rank < self.ep_size,
             f"ep_rank must be an integer in [0, ep_size={self.ep_size}), got {self.ep_rank!r}",
         )
+        for name, vec in (("expert_load", self.expert_load), ("expert_bias", self.expert_bias)):
+            _require(
+                vec is None or isinstance(vec, torch.Tensor),
+                f"{name} must be a torch.Tensor of shape [num_experts] or None, "
+                f"got {type(vec).__name__}",
+            )
+        if self.expert_load is not None:
+            _require(
+                self.expert_load.dtype != torch.bool and not self.expert_load.is_complex(),
+                "expert_load must be a real tensor (a float or integer dtype), "
+                f"got {self.expert_load.dtype}",
+            )
+        if self.expert_bias is not None:
+            _require(
+                self.expert_bias.is_floating_point(),
+                f"expert_bias must be a floating-point tensor, got {self.expert_bias.dtype}",
+            )
+        _require_bool("decode", self.decode)
+        _require(
+            self.layer is None or (_is_int(self.layer) and self.layer >= 0),
+            f"layer must be a layer index (an integer >= 0) or None, got {self.layer!r}",
+        )
+        _require(_is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
 
-    def validate(self, gate: GateConfig) -> None:
+    def validate(self, gate: GateConfig, *, check_values: bool | None = None) -> None:
+        """Check this context against ``gate``: EP size, vector shapes, and the values of
+        ``expert_load`` (finite, >= 0) and ``expert_bias`` (finite).
+
+        ``check_values``: None (the default; ``policies.route`` calls this on every routing
+        call) checks the values only of tensors on the CPU, which costs microseconds and no
+        stream synchronisation; a CUDA tensor's values are then not read (they come from the
+        adapter's own all-reduce of routing counts). True checks them wherever they live (one
+        host synchronisation per CUDA tensor: for debugging). False never reads them.
+        """
         E = gate.num_experts
         _require(
             E % self.ep_size == 0,
@@ -352,6 +446,13 @@ class RoutingContext:
                     vec.dim() == 1 and vec.shape[0] == E,
                     f"{name} must have shape [num_experts={E}], got {tuple(vec.shape)}",
                 )
+                if check_values or (check_values is None and vec.device.type == "cpu"):
+                    lo, hi = (x.item() for x in vec.detach().aminmax())  # NaN gives NaN: refused
+                    if name == "expert_load":
+                        ok, allowed = 0 <= lo and hi < math.inf, "finite values >= 0 (tokens)"
+                    else:
+                        ok, allowed = -math.inf < lo and hi < math.inf, "finite values"
+                    _require(ok, f"{name} must hold {allowed}, got min {lo} and max {hi}")
         if self.expert_bias is not None:
             _require(
                 gate.score_function != "softmax",
@@ -384,8 +485,12 @@ def parse_key_values(items: list[str], option: str) -> dict[str, Any]:
     scalar ("8" -> 8, "0.5" -> 0.5, "true" -> True; "none" / "null" / "~" -> None; anything
     that is not YAML stays a string, for the parameter's own validation to judge). ConfigError
     naming ``option`` for an item without "="."""
+    if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+        raise ConfigError(f"{option} expects a list of key=value strings, got {items!r}")
     out: dict[str, Any] = {}
     for item in items:
+        if not isinstance(item, str):
+            raise ConfigError(f"{option} expects key=value, got {item!r}")
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"{option} expects key=value, got {item!r}")
@@ -400,14 +505,36 @@ def parse_key_values(items: list[str], option: str) -> dict[str, Any]:
 
 
 def from_dict(cls: type, data: dict[str, Any] | None) -> Any:
-    """Build config dataclass ``cls`` from a dict (a YAML mapping), rejecting unknown keys."""
-    data = dict(data or {})
+    """Build config dataclass ``cls`` from a dict (a YAML mapping), rejecting unknown keys.
+
+    ``per_layer`` keys may be integers or decimal strings ("3", as JSON writes them); anything
+    else, like the values, is left to ``cls`` to judge."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(
+            f"{cls.__name__} parameters must be a mapping {{field: value}}, got {type(data).__name__}"
+        )
+    data = dict(data)
     known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - known, key=str)
     if unknown:
         raise ConfigError(
             f"unknown {cls.__name__} field(s) {unknown}; allowed: {sorted(known)}"
         )
-    if "per_layer" in data and data["per_layer"] is not None:
-        data["per_layer"] = {int(k): dict(v) for k, v in data["per_layer"].items()}
+    per_layer = data.get("per_layer")
+    if "per_layer" in data and per_layer is None:  # an empty YAML key: no overrides
+        del data["per_layer"]
+    elif isinstance(per_layer, Mapping):
+        data["per_layer"] = {
+            _layer_key(k): dict(v) if isinstance(v, Mapping) else v for k, v in per_layer.items()
+        }
     return cls(**data)
+
+
+def _layer_key(key: Any) -> Any:
+    """A per_layer key as an int: "3" -> 3; any other non-integer stays as is, for the
+    parameters' own check to refuse by name."""
+    if isinstance(key, str) and key.strip().isascii() and key.strip().isdigit():
+        return int(key)
+    return key
