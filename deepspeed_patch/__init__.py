@@ -1,7 +1,7 @@
 """DeepSpeed adapter: a ``TopKGate`` subclass that runs the moebalance policies, helpers to put
 it into ``deepspeed.moe.layer.MoE`` layers and set up expert parallelism for inference, and the
 distributed start-up for CPU (gloo) and GPU. Framework code only translates; the policies live
-in moebalance.
+in moebalance. Nothing here imports Megatron-Core.
 
 Typical use::
 
@@ -12,44 +12,52 @@ Typical use::
     install_gate(moe, "laser", load_scope="global")  # before or after loading the checkpoint
     setup_expert_parallel(model)                     # init_inference does not
 
-``deepspeed_patch.model`` builds the Megatron GPT-MoE of ``megatron_patch.model`` with DeepSpeed
-``MoE`` layers and loads its weights; ``deepspeed_patch.instrument`` records its MoE layers into
-``moebalance.telemetry``; ``deepspeed_patch.harness`` is what ``scripts/infer.py --framework
-deepspeed`` calls.
+``deepspeed_patch.gate`` holds ``BalancedGate``; ``deepspeed_patch.encoding`` turns a routing
+into DeepSpeed's gate output; ``deepspeed_patch.checker`` checks a gate output against
+DeepSpeed's contract (debugging). ``deepspeed_patch.model`` builds the GPT-MoE of a
+``moebalance.model_config.ModelConfig`` with DeepSpeed ``MoE`` layers (the same model, weight
+for weight, as ``megatron_patch.model``'s); ``deepspeed_patch.instrument`` records its MoE
+layers into ``moebalance.telemetry``; ``deepspeed_patch.harness`` is the harness's DeepSpeed
+framework.
+
+The names below are imported on first use, so importing this package does not import
+DeepSpeed.
 """
 
-from .gate import (
-    LOAD_SCOPES,
-    BalancedGate,
-    GateOutputError,
-    check_gate_output,
-    gate_output,
-    gate_output_routing,
-)
-from .install import (
-    disable_gate_randomness,
-    init_distributed_cpu,
-    install_gate,
-    make_moe,
-    moe_gates,
-    moe_modules,
-    set_decode,
-    setup_expert_parallel,
-)
+from __future__ import annotations
 
-__all__ = [
-    "LOAD_SCOPES",
-    "BalancedGate",
-    "GateOutputError",
-    "check_gate_output",
-    "disable_gate_randomness",
-    "gate_output",
-    "gate_output_routing",
-    "init_distributed_cpu",
-    "install_gate",
-    "make_moe",
-    "moe_gates",
-    "moe_modules",
-    "set_decode",
-    "setup_expert_parallel",
-]
+import importlib
+from typing import Any
+
+# public name -> the module that defines it (relative to this package, or absolute)
+_EXPORTS = {
+    "LOAD_SCOPES": "moebalance.runner",
+    "BalancedGate": ".gate",
+    "GateOutputError": ".checker",
+    "check_gate_output": ".checker",
+    "disable_gate_randomness": ".install",
+    "gate_output": ".encoding",
+    "gate_output_routing": ".encoding",
+    "init_distributed_cpu": ".install",
+    "install_gate": ".install",
+    "make_moe": ".install",
+    "moe_gates": ".install",
+    "moe_modules": ".install",
+    "set_decode": ".install",
+    "setup_expert_parallel": ".install",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

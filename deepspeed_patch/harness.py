@@ -1,57 +1,70 @@
-"""What ``scripts/infer.py`` needs from DeepSpeed, behind the same names as
-``megatron_patch.harness`` so one generation loop serves both frameworks: process groups (the
-accelerator's backend), the model (``deepspeed_patch.model``: the Megatron model's weights),
-instrumentation, gate swapping, the decode flag and the KV-cache context."""
+"""DeepSpeed behind the harness's ``Framework`` interface (``moebalance.harness.framework``):
+``FRAMEWORK`` starts DeepSpeed's process group (the accelerator's backend), builds the GPT-MoE
+with DeepSpeed ``MoE`` layers (``deepspeed_patch.model``: the same architecture, canonical
+checkpoints and deterministic initialisation as the Megatron model), swaps gates, sets the
+decode flag, makes the KV cache and instruments the MoE layers.
+DeepSpeed is imported only when a method is called; Megatron never is.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
-from moebalance.config import ConfigError
+__all__ = ["DISPATCHERS", "FRAMEWORK", "DeepSpeedFramework"]
 
-from .install import set_decode
-from .instrument import instrument
-from .model import InferenceContext, destroy_distributed, init_distributed, swap_gates
-from .model import build_model as _build_model
-
-__all__ = [
-    "DISPATCHER",
-    "InferenceContext",
-    "build_model",
-    "destroy_distributed",
-    "init_distributed",
-    "instrument",
-    "set_decode",
-    "swap_router",
-]
-
-DISPATCHER = "alltoall"  # DeepSpeed's MOELayer: all-to-all of the padded [E, C, M] buffer
+DISPATCHERS = ("alltoall",)  # DeepSpeed's MOELayer: all-to-all of the padded [E, C, M] buffer
 
 
-def build_model(
-    cfg,
-    setup,
-    *,
-    router: str,
-    router_params: Any,
-    load_scope: str,
-    dispatcher: str,
-    checkpoint: Optional[str],
-):
-    """``deepspeed_patch.model.build_model`` at the EP size of ``setup``, on its device."""
-    if dispatcher != DISPATCHER:
-        raise ConfigError(f"DeepSpeed's MoE layer has one dispatcher, {DISPATCHER!r}")
-    return _build_model(
-        cfg,
-        ep_size=setup.ep_size,
-        router=router,
-        router_params=router_params,
-        load_scope=load_scope,
-        checkpoint=checkpoint,
-        device=setup.device,
-    )
+class DeepSpeedFramework:
+    """The DeepSpeed adapter of the harness (see ``moebalance.harness.framework``)."""
+
+    name = "deepspeed"
+    dispatchers = DISPATCHERS
+
+    def init_distributed(self, ep_size: int, timeout_s: float):
+        from .model import init_distributed
+
+        return init_distributed(ep_size, timeout_s)
+
+    def build_model(
+        self, cfg, setup, *, router: str, router_params: Any, load_scope: str, dispatcher: str,
+        checkpoint: Optional[str],
+    ):
+        from moebalance.config import ConfigError
+
+        from .model import build_model
+
+        if dispatcher not in DISPATCHERS:
+            raise ConfigError(f"DeepSpeed's MoE layer has one dispatcher, {DISPATCHERS[0]!r}")
+        return build_model(
+            cfg, ep_size=setup.ep_size, router=router, router_params=router_params,
+            load_scope=load_scope, checkpoint=checkpoint, device=setup.device,
+        )
+
+    def swap_router(self, model, router: str, params: Any, load_scope: str) -> int:
+        from .model import swap_gates
+
+        return swap_gates(model, router, params, load_scope)
+
+    def set_decode(self, model, decode: bool) -> int:
+        from .install import set_decode
+
+        return set_decode(model, decode)
+
+    def inference_context(self, max_batch: int, max_sequence_length: int):
+        from .model import InferenceContext
+
+        return InferenceContext(max_batch, max_sequence_length)
+
+    def instrument(self, model, recorder):
+        from .instrument import instrument
+
+        return instrument(model, recorder)
+
+    def destroy_distributed(self) -> None:
+        from .model import destroy_distributed
+
+        destroy_distributed()
 
 
-def swap_router(model, router: str, params: Any, load_scope: str) -> int:
-    """Swap a gate running ``router`` into every MoE layer (same ``wg``)."""
-    return swap_gates(model, router, params, load_scope)
+FRAMEWORK = DeepSpeedFramework()

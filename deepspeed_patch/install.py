@@ -11,12 +11,13 @@ for native ``MoE`` modules, so inference code must (``setup_expert_parallel``).
 from __future__ import annotations
 
 import datetime
-import os
 from typing import Any, Iterator
 
 import torch
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.sharded_moe import TopKGate
+
+from moebalance.parallel import torchrun_environment
 
 from .gate import BalancedGate
 
@@ -141,23 +142,14 @@ def init_distributed_cpu(timeout_s: float = 300.0, *, verbose: bool = False) -> 
 
     - Disables DeepSpeed's shared-memory comm op, which DeepSpeed otherwise JIT-compiles with
       g++ on CPU (about 45 s, and concurrent builds by several ranks have crashed with SIGABRT).
-    - Without RANK / WORLD_SIZE in the environment, sets a single-process world (RANK=0,
-      WORLD_SIZE=1); LOCAL_RANK defaults to RANK, MASTER_ADDR to 127.0.0.1, MASTER_PORT to 29500.
-      (DeepSpeed otherwise tries MPI discovery.)
+    - Completes the torchrun environment (``moebalance.parallel.torchrun_environment``): without
+      RANK / WORLD_SIZE a single-process world with a free MASTER_PORT (DeepSpeed otherwise
+      tries MPI discovery).
     - The backend is the accelerator's (``gloo`` on CPU, ``nccl`` on CUDA); collectives time out
       after ``timeout_s`` seconds instead of hanging.
     Does nothing if DeepSpeed's backend is already up.
     """
-    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1")
-    missing = [name for name in ("RANK", "WORLD_SIZE") if name not in os.environ]
-    if missing:
-        raise RuntimeError(
-            f"set {' and '.join(missing)} (both or neither) before init_distributed_cpu"
-        )
-    os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    torchrun_environment()
 
     import deepspeed
     import deepspeed.comm as ds_dist

@@ -26,13 +26,18 @@ Activations: GELU (exact) or SwiGLU (``linear_fc1`` holds [gate; up]). Hidden st
 sequence-first [S, B, H] internally, as in Megatron, so the MoE layer sees tokens in the same
 order in both frameworks (LASER's decisions depend on token order).
 
-Weights: ``megatron_to_deepspeed`` renames a canonical Megatron state dict
-(``megatron_patch.model.canonical_names`` keys: experts under their global index) to this
-model's keys for this rank's experts (expert e on EP rank e // (E / EP) in both frameworks).
-``load_megatron_state`` loads such a dict (strict), ``load_checkpoint`` a canonical safetensors
-file; without a checkpoint ``build_model`` builds the Megatron model once at the same EP
-(``init_weights`` + ``apply_skew``), takes its weights and discards it, so the (skewed)
-synthetic model is the one the Megatron path serves, weight for weight.
+Weights: ``canonical_names`` maps this model's keys onto the canonical names of
+``moebalance.weights`` (Megatron GPT keys, experts under their global index; expert e on EP rank
+e // (E / EP) in both frameworks): ``mlp.moe.deepspeed_moe.gate.wg.weight`` is
+``mlp.router.weight`` and ``mlp.moe.deepspeed_moe.experts.deepspeed_experts.<local>.X`` is
+``mlp.experts.local_experts.<global>.X``; every other key is the same in both models. So
+without a checkpoint ``build_model`` initialises exactly the weights the Megatron path does
+(``moebalance.weights.init_weights``: same names, same seeds) and skews the gates of this model
+itself (``moebalance.skew.apply_skew``, calibrated on this model's forward, which differs from
+Megatron's in the last bits, and so may the skewed gates). ``load_checkpoint`` /
+``save_checkpoint`` read and write the canonical safetensors file, ``load_megatron_state`` a
+canonical state dict in memory (e.g. a Megatron model's, for weight-for-weight comparisons).
+No Megatron import anywhere.
 
 The forward signature matches Megatron's GPTModel as the harness calls it:
 ``model(input_ids [B, S], position_ids, attention_mask [B, 1, Sq, Sk] bool (True = masked),
@@ -47,17 +52,20 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from moebalance.config import ConfigError, GateConfig
+from moebalance import parallel, skew, weights
+from moebalance.config import ConfigError
 from moebalance.model_config import ModelConfig
+from moebalance.parallel import ParallelSetup
+from moebalance.weights import TORCH_DTYPES
 
 from .install import install_gate, make_moe, moe_modules, setup_expert_parallel
 
@@ -67,14 +75,18 @@ __all__ = [
     "build_model",
     "init_distributed",
     "destroy_distributed",
-    "megatron_reference_state",
+    "canonical_names",
+    "canonical_state",
     "megatron_to_deepspeed",
     "load_megatron_state",
     "load_checkpoint",
+    "save_checkpoint",
+    "init_weights",
+    "skew_layers",
+    "apply_skew",
     "swap_gates",
 ]
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LAYERNORM_EPS = 1e-5  # Megatron's layernorm_epsilon default
 MASK_FILL = -10000.0  # Megatron's attention_mask_func
 
@@ -220,7 +232,7 @@ class MoEBlock(nn.Module):
                 router=router,
                 params=params,
                 load_scope=load_scope,
-                gate_config=gate_config(cfg),
+                gate_config=cfg.gate_config(),
             )
         self.moe.deepspeed_moe.gate.layer = layer
         self.moe.deepspeed_moe.gate.wg.to(dtype)
@@ -332,28 +344,21 @@ class DeepSpeedGPT(nn.Module):
         return F.linear(x, weight).transpose(0, 1).contiguous()
 
 
-def gate_config(cfg: ModelConfig) -> GateConfig:
-    """The GateConfig Megatron's routers use for ``cfg`` (``megatron_patch.routers.gate_config``
-    of ``transformer_config(cfg)``: no group limit, no scaling factor)."""
-    return GateConfig(
-        num_experts=cfg.num_experts,
-        topk=cfg.topk,
-        score_function=cfg.score_function,
-        pre_softmax=cfg.pre_softmax,
-    )
-
-
 # ---------------------------------------------------------------------- weights
 
 _MG_EXPERT = re.compile(r"^(decoder\.layers\.\d+\.mlp\.)experts\.local_experts\.(\d+)\.(.+)$")
 _MG_ROUTER = re.compile(r"^(decoder\.layers\.\d+\.mlp\.)router\.weight$")
+_DS_EXPERT = re.compile(
+    r"^(decoder\.layers\.\d+\.mlp\.)moe\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(.+)$"
+)
+_DS_GATE = re.compile(r"^(decoder\.layers\.\d+\.mlp\.)moe\.deepspeed_moe\.gate\.wg\.weight$")
 
 
 def megatron_to_deepspeed(
     canonical: dict[str, torch.Tensor], *, num_experts: int, ep_size: int, ep_rank: int
 ) -> dict[str, torch.Tensor]:
-    """Rename a canonical Megatron GPT state dict (experts under global indices) to
-    ``DeepSpeedGPT`` keys for EP rank ``ep_rank``: ``mlp.router.weight`` ->
+    """Rename a canonical state dict (``moebalance.weights``: Megatron GPT keys, experts under
+    global indices) to ``DeepSpeedGPT`` keys for EP rank ``ep_rank``: ``mlp.router.weight`` ->
     ``mlp.moe.deepspeed_moe.gate.wg.weight``; ``mlp.experts.local_experts.<g>.X`` ->
     ``mlp.moe.deepspeed_moe.experts.deepspeed_experts.<g - ep_rank * E/EP>.X`` for this rank's
     experts (others left out); every other key (embedding, attention, norms, shared and dense
@@ -376,113 +381,103 @@ def megatron_to_deepspeed(
 
 
 def _ep_rank(model: "DeepSpeedGPT") -> int:
-    import torch.distributed as dist
-
     for layer in moe_modules(model):
         group = layer.deepspeed_moe.ep_group
         return dist.get_rank(group) if group is not None else 0
     return 0
 
 
-@torch.no_grad()
-def load_megatron_state(model: DeepSpeedGPT, canonical: dict[str, torch.Tensor]) -> None:
-    """Load a canonical Megatron state dict (``megatron_to_deepspeed``) into ``model``, this
-    rank's experts only. Strict: raises ConfigError on missing or unexpected keys or a shape
-    mismatch. Call after ``setup_expert_parallel`` (the EP rank picks the experts)."""
-    state = megatron_to_deepspeed(
-        canonical, num_experts=model.cfg.num_experts, ep_size=model.ep_size, ep_rank=_ep_rank(model)
-    )
-    target = model.state_dict()
-    missing = sorted(set(target) - set(state))
-    unexpected = sorted(set(state) - set(target))
-    if missing or unexpected:
-        raise ConfigError(
-            f"Megatron weights do not fit the DeepSpeed model: missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]}"
-        )
-    for key, value in state.items():
-        if tuple(value.shape) != tuple(target[key].shape):
-            raise ConfigError(
-                f"{key}: Megatron shape {tuple(value.shape)}, DeepSpeed {tuple(target[key].shape)}"
-            )
-        target[key].copy_(value.to(dtype=target[key].dtype, device=target[key].device))
-
-
-def load_checkpoint(model: DeepSpeedGPT, path: str | Path) -> None:
-    """Load a canonical safetensors checkpoint (``megatron_patch.model.save_checkpoint``)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"checkpoint {path} not found")
-    local = model.cfg.num_experts // model.ep_size
-    rank = _ep_rank(model)
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        keys = [
-            k for k in f.keys()
-            if not ((m := _MG_EXPERT.match(k)) and int(m.group(2)) // local != rank)
-        ]
-        load_megatron_state(model, {k: f.get_tensor(k) for k in keys})
-
-
-def megatron_reference_state(cfg: ModelConfig, ep_size: int) -> dict[str, torch.Tensor]:
-    """This rank's canonical Megatron state dict of the randomly initialised (and, with
-    ``cfg.skew``, skewed) model: ``megatron_patch.model.build_model`` at EP ``ep_size`` on the
-    already started default process group, then Megatron's groups are torn down again.
-    Collective (the skew calibration runs the model)."""
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import initialize_rng_tracker
-
-    from megatron_patch.cpu_shims import apply_cpu_shims
-    from megatron_patch.model import build_model as build_megatron, canonical_names
-
-    apply_cpu_shims()  # no-op with CUDA
-    parallel_state.initialize_model_parallel(
-        expert_model_parallel_size=ep_size, create_gloo_process_groups=False
-    )
-    initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
-    try:
-        reference = build_megatron(cfg, ep_size=ep_size)
-        state = reference.state_dict()
-        out = {c: state[k].detach().clone() for k, c in canonical_names(reference).items()}
-    finally:
-        parallel_state.destroy_model_parallel()
+def canonical_names(model: "DeepSpeedGPT") -> dict[str, str]:
+    """{state-dict key: canonical key} (``moebalance.weights``) for this rank's tensors: the
+    inverse of ``megatron_to_deepspeed`` (local expert j of EP rank r becomes expert
+    r * E/EP + j). Call after ``setup_expert_parallel`` (the EP rank picks the indices)."""
+    offset = _ep_rank(model) * (model.cfg.num_experts // model.ep_size)
+    out = {}
+    for key in model.state_dict():
+        if m := _DS_EXPERT.match(key):
+            out[key] = f"{m.group(1)}experts.local_experts.{offset + int(m.group(2))}.{m.group(3)}"
+        elif m := _DS_GATE.match(key):
+            out[key] = f"{m.group(1)}router.weight"
+        else:
+            out[key] = key
     return out
+
+
+def canonical_state(model: "DeepSpeedGPT") -> dict[str, torch.Tensor]:
+    """{canonical key: tensor} of this rank's weights (not copied)."""
+    state = model.state_dict()
+    return {c: state[k] for k, c in canonical_names(model).items()}
+
+
+def load_megatron_state(model: "DeepSpeedGPT", canonical: dict[str, torch.Tensor]) -> None:
+    """Load a canonical state dict (``moebalance.weights`` keys, e.g. a Megatron model's
+    ``canonical_names`` state) into ``model``, this rank's experts only. Strict: raises
+    ConfigError on missing or unexpected keys (other ranks' experts aside) or a shape
+    mismatch. Call after ``setup_expert_parallel`` (the EP rank picks the experts)."""
+    weights.load_state(
+        model.state_dict(),
+        canonical_names(model),
+        canonical,
+        model.cfg.num_experts,
+        "the canonical (Megatron) state dict",
+    )
+
+
+def load_checkpoint(model: "DeepSpeedGPT", path: str | Path) -> None:
+    """Load a canonical safetensors checkpoint (``moebalance.weights.save_checkpoint``, written
+    by either framework); each rank reads only its own experts."""
+    weights.load_checkpoint(path, model.state_dict(), canonical_names(model), model.cfg.num_experts)
+
+
+def save_checkpoint(model: "DeepSpeedGPT", path: str | Path, cfg: Optional[ModelConfig] = None):
+    """Write the canonical state dict (all experts, gathered to rank 0) to a safetensors file
+    that either framework loads. Collective: every rank calls it; rank 0 writes."""
+    weights.save_checkpoint(canonical_state(model), path, cfg)
+
+
+def init_weights(model: "DeepSpeedGPT", cfg: ModelConfig) -> None:
+    """``moebalance.weights.init_weights`` under the canonical names: the same values as the
+    Megatron model's, tensor for tensor."""
+    params = dict(model.named_parameters())
+    weights.init_weights(
+        {c: params[k] for k, c in canonical_names(model).items() if k in params}, cfg
+    )
+
+
+def skew_layers(model: "DeepSpeedGPT") -> list[skew.SkewLayer]:
+    """Every MoE layer as ``moebalance.skew`` sees it: 0-based decoder index, pre-MLP
+    LayerNorm, gate weight ``wg.weight``."""
+    out = []
+    for index, layer in enumerate(model.decoder.layers):
+        if isinstance(layer.mlp, MoEBlock):
+            gate = layer.mlp.moe.deepspeed_moe.gate
+            out.append(skew.SkewLayer(index, layer.pre_mlp_layernorm, gate.wg.weight))
+    return out
+
+
+def apply_skew(
+    model: "DeepSpeedGPT", cfg: ModelConfig, calibration_tokens: int = 8192
+) -> dict[int, float]:
+    """``moebalance.skew.apply_skew`` on this model's MoE layers: vanilla routing then follows
+    ``cfg.skew``'s load profile. Collective. Returns {layer: max / mean of the target profile}."""
+    return skew.apply_skew(model, skew_layers(model), cfg, calibration_tokens)
 
 
 # ---------------------------------------------------------------------- building
 
 
-def init_distributed(ep_size: Optional[int] = None, timeout_s: float = 120.0):
+def init_distributed(ep_size: Optional[int] = None, timeout_s: float = 120.0) -> ParallelSetup:
     """DeepSpeed's process group from the torchrun environment (a plain ``python`` run is world
-    1): the accelerator's backend (gloo on CPU without the shared-memory op, NCCL on CUDA) and
-    device (one per local rank). Returns a ``megatron_patch.model.ParallelSetup``; its EP fields
-    describe the EP group ``setup_expert_parallel`` creates (consecutive ranks, as Megatron's)."""
-    import torch.distributed as dist
-    from deepspeed.accelerator import get_accelerator
-
-    from megatron_patch.model import ParallelSetup
-
+    1, ``moebalance.parallel``): NCCL with one GPU per local rank, gloo on CPU (without the
+    shared-memory op), collectives timing out after ``timeout_s`` seconds. The EP fields
+    describe the EP groups ``setup_expert_parallel`` creates (consecutive ranks, as
+    Megatron's)."""
     from .install import init_distributed_cpu
 
-    if "MASTER_PORT" not in os.environ and "WORLD_SIZE" not in os.environ:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
-    accelerator = get_accelerator()
-    if accelerator.device_name() != "cpu":  # one device per local rank, before NCCL starts
-        accelerator.set_device(local_rank)
-        device = torch.device(accelerator.device_name(local_rank))
-    else:
-        device = torch.device("cpu")
+    rank, world, local_rank = parallel.torchrun_environment()
+    ep_size = parallel.check_ep_size(ep_size, world)
+    device, _ = parallel.select_device(local_rank)
     init_distributed_cpu(timeout_s)
-    world, rank = dist.get_world_size(), dist.get_rank()
-    ep_size = world if ep_size is None else ep_size
-    if ep_size < 1 or world % ep_size:
-        raise ConfigError(f"ep={ep_size} must be >= 1 and divide the world size {world}")
     return ParallelSetup(
         rank=rank,
         world_size=world,
@@ -491,17 +486,13 @@ def init_distributed(ep_size: Optional[int] = None, timeout_s: float = 120.0):
         ep_rank=rank % ep_size,
         ep_group=rank - rank % ep_size,
         device=device,
-        backend=accelerator.communication_backend_name(),
+        backend=dist.get_backend(),
     )
 
 
 def destroy_distributed() -> None:
     """Barrier, then tear down the default process group."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    parallel.destroy_process_group()
 
 
 def build_model(
@@ -517,12 +508,10 @@ def build_model(
 ) -> DeepSpeedGPT:
     """A ``DeepSpeedGPT`` (eval mode, on ``device``) with router ``router`` in every MoE layer,
     EP groups set up. Weights: ``checkpoint`` (canonical safetensors), else ``megatron_state``
-    (a canonical state dict of this rank), else the Megatron model's own initialisation and
-    skew (``megatron_reference_state``). Collective: every rank calls it."""
+    (a canonical state dict of this rank), else ``init_weights`` followed by ``apply_skew``
+    when ``cfg.skew`` is set. Collective: every rank calls it."""
     if checkpoint is not None and cfg.skew != "none":
         raise ConfigError("skew applies to randomly initialised models only; set skew: none")
-    if checkpoint is None and megatron_state is None:
-        megatron_state = megatron_reference_state(cfg, ep_size)
     model = DeepSpeedGPT(
         cfg, ep_size=ep_size, router=router, router_params=router_params, load_scope=load_scope
     )
@@ -533,8 +522,12 @@ def build_model(
     model.eval()
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
-    else:
+    elif megatron_state is not None:
         load_megatron_state(model, megatron_state)
+    else:
+        init_weights(model, cfg)
+        if cfg.skew != "none":
+            apply_skew(model, cfg)
     return model
 
 

@@ -6,46 +6,53 @@ Typical use::
     from megatron_patch import apply_cpu_shims, make_router_class, prepare_config, with_router
 
     apply_cpu_shims()                      # no-op on a CUDA machine
-    config = prepare_config(config, "token_drop")
-    spec = with_router(layer_spec, make_router_class("token_drop", {"capacity_factor": 1.2}))
+    router_cls = make_router_class("token_drop", {"capacity_factor": 1.2})
+    config = prepare_config(config, router_cls)
+    spec = with_router(layer_spec, router_cls)
+
+``make_router_class(name, params, load_scope=...)`` is the one way to get a router class
+(``make_router_class("topk")`` is identical to the stock ``TopKRouter`` at inference).
+``megatron_patch.model`` builds the GPT-MoE of a ``moebalance.model_config.ModelConfig``;
+``megatron_patch.instrument`` records its MoE layers into ``moebalance.telemetry``;
+``megatron_patch.harness`` is the harness's Megatron framework.
+
+The names below are imported on first use, so importing this package (or
+``megatron_patch.model`` for ``DISPATCHERS``) does not import Megatron-Core.
 """
 
-from .cpu_shims import apply_cpu_shims, cpu_shims_applied
-from .inject import moe_layers, set_decode, swap_routers, with_router
-from .routers import (
-    LOAD_SCOPES,
-    ROUTER_CLASSES,
-    BalancedRouter,
-    ExpandedDropRouter,
-    LaserFastRouter,
-    LaserRouter,
-    LoadOnlyRouter,
-    TokenDropRouter,
-    VanillaRouter,
-    gate_config,
-    make_router_class,
-    needs_dynamic_capacity,
-    prepare_config,
-)
+from __future__ import annotations
 
-__all__ = [
-    "LOAD_SCOPES",
-    "ROUTER_CLASSES",
-    "BalancedRouter",
-    "ExpandedDropRouter",
-    "LaserRouter",
-    "LaserFastRouter",
-    "LoadOnlyRouter",
-    "TokenDropRouter",
-    "VanillaRouter",
-    "apply_cpu_shims",
-    "cpu_shims_applied",
-    "gate_config",
-    "make_router_class",
-    "moe_layers",
-    "needs_dynamic_capacity",
-    "prepare_config",
-    "set_decode",
-    "swap_routers",
-    "with_router",
-]
+import importlib
+from typing import Any
+
+# public name -> the module that defines it (relative to this package, or absolute)
+_EXPORTS = {
+    "DISPATCHERS": ".model",
+    "LOAD_SCOPES": "moebalance.runner",
+    "BalancedRouter": ".routers",
+    "apply_cpu_shims": ".cpu_shims",
+    "cpu_shims_applied": ".cpu_shims",
+    "gate_config": ".routers",
+    "make_router_class": ".routers",
+    "moe_layers": ".inject",
+    "needs_dynamic_capacity": ".routers",
+    "prepare_config": ".routers",
+    "set_decode": ".inject",
+    "swap_routers": ".inject",
+    "with_router": ".inject",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -2,22 +2,23 @@
 
 Megatron-Core 0.19.2 assumes CUDA in a few places on the MoE path. ``apply_cpu_shims()`` patches
 exactly those, and only when ``torch.cuda.is_available()`` is False: on a GPU machine it returns
-without touching anything, so the same code runs with NCCL unchanged. Line numbers are for
+without touching anything, so the same code runs with NCCL unchanged. Checked on
 megatron-core 0.19.2.
 
 Call it once per process, after importing torch and before building Megatron modules. It is
 idempotent. Patches (each small, each undoing a CUDA assumption, not changing any arithmetic):
 
 - ``torch.cuda.current_device`` returns the CPU device. Megatron allocates with
-  ``device=torch.cuda.current_device()`` in ``Router.gating`` (transformer/moe/router.py:96-100,
-  moves the gate weight), ``TopKRouter.__init__`` buffers (router.py:180-248, expert bias),
-  tensor_parallel/mappings.py:95/145/152/185/447 (all-gather, reduce-scatter, all-to-all outputs
-  at EP > 1) and ``GlobalMemoryBuffer`` (utils.py:715, the allgather dispatcher's buffer).
+  ``device=torch.cuda.current_device()`` in ``Router.gating`` (moves the gate weight), the
+  ``TopKRouter.__init__`` buffers (expert bias), the ``tensor_parallel.mappings`` helpers
+  ``_gather_along_last_dim``, ``_gather_along_first_dim``, ``_reduce_scatter_along_first_dim``
+  and ``_AllToAll.forward`` (all-gather, reduce-scatter, all-to-all outputs at EP > 1) and
+  ``GlobalMemoryBuffer.get_tensor`` (the allgather dispatcher's buffer).
 - ``MoEAlltoAllTokenDispatcher.cuda_dtoh_stream`` is set to a null stream so the constructor
-  skips ``torch.cuda.Stream()`` (transformer/moe/token_dispatcher.py:468-469).
-- ``MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize`` (token_dispatcher.py:913-952) is
-  replaced by a CPU version: the split metadata already lives on the host, so it only turns the
-  splits into Python lists and ``num_out_tokens`` into an int, with no streams or events.
+  skips its class-level ``torch.cuda.Stream()``.
+- ``MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize`` is replaced by a CPU version: the
+  split metadata already lives on the host, so it only turns the splits into Python lists and
+  ``num_out_tokens`` into an int, with no streams or events.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class _NullStream:
 
 
 def _cpu_current_device() -> torch.device:
-    # Megatron passes this as ``device=`` (router.py:98, mappings.py:95, utils.py:715).
+    # Megatron passes this as ``device=`` (Router.gating, tensor_parallel.mappings, buffers).
     return torch.device("cpu")
 
 
@@ -56,7 +57,7 @@ def _to_host_list(value):
 def _cpu_maybe_dtoh_and_synchronize(
     self, point: str, tokens_per_expert: Optional[torch.Tensor] = None
 ) -> Optional[torch.Tensor]:
-    """CPU version of MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize (l.913-952).
+    """CPU version of ``MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize``.
 
     On CPU the metadata is already on the host and nothing runs asynchronously, so the "DtoH
     copy" at ``cuda_dtoh_point`` reduces to converting splits to lists and ``num_out_tokens``

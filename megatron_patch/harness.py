@@ -1,52 +1,65 @@
-"""What ``scripts/infer.py`` needs from Megatron-Core, behind the same names as
-``deepspeed_patch.harness`` so one generation loop serves both frameworks: process groups, the
-model, instrumentation, router swapping, the decode flag and the KV-cache context."""
+"""Megatron-Core behind the harness's ``Framework`` interface (``moebalance.harness.framework``):
+``FRAMEWORK`` starts Megatron's process groups, builds the GPT-MoE (``megatron_patch.model``),
+swaps routers, sets the decode flag, makes the static KV cache and instruments the MoE layers.
+Megatron is imported only when a method is called, so the harness validates options without it.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
-from megatron.core.inference.contexts import StaticInferenceContext as InferenceContext
+__all__ = ["DISPATCHERS", "FRAMEWORK", "MegatronFramework"]
 
-from .inject import set_decode, swap_routers
-from .instrument import instrument
-from .model import ParallelSetup, destroy_distributed, init_distributed
-from .model import build_model as _build_model
-from .routers import make_router_class
-
-__all__ = [
-    "InferenceContext",
-    "build_model",
-    "destroy_distributed",
-    "init_distributed",
-    "instrument",
-    "set_decode",
-    "swap_router",
-]
+from .model import DISPATCHERS  # the token dispatchers the harness runs
 
 
-def build_model(
-    cfg,
-    setup: ParallelSetup,
-    *,
-    router: str,
-    router_params: Any,
-    load_scope: str,
-    dispatcher: str,
-    checkpoint: Optional[str],
-):
-    """``megatron_patch.model.build_model`` at the EP size of ``setup``."""
-    return _build_model(
-        cfg,
-        ep_size=setup.ep_size,
-        router=router,
-        router_params=router_params,
-        load_scope=load_scope,
-        dispatcher=dispatcher,
-        checkpoint=checkpoint,
-    )
+class MegatronFramework:
+    """The Megatron-Core adapter of the harness (see ``moebalance.harness.framework``)."""
+
+    name = "megatron"
+    dispatchers = DISPATCHERS
+
+    def init_distributed(self, ep_size: int, timeout_s: float):
+        from .model import init_distributed
+
+        return init_distributed(ep_size, timeout_s)
+
+    def build_model(
+        self, cfg, setup, *, router: str, router_params: Any, load_scope: str, dispatcher: str,
+        checkpoint: Optional[str],
+    ):
+        from .model import build_model
+
+        return build_model(
+            cfg, ep_size=setup.ep_size, router=router, router_params=router_params,
+            load_scope=load_scope, dispatcher=dispatcher, checkpoint=checkpoint,
+        )
+
+    def swap_router(self, model, router: str, params: Any, load_scope: str) -> int:
+        from .inject import swap_routers
+        from .routers import make_router_class
+
+        return swap_routers(model, make_router_class(router, params, load_scope=load_scope))
+
+    def set_decode(self, model, decode: bool) -> int:
+        from .inject import set_decode
+
+        return set_decode(model, decode)
+
+    def inference_context(self, max_batch: int, max_sequence_length: int):
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        return StaticInferenceContext(max_batch, max_sequence_length)
+
+    def instrument(self, model, recorder):
+        from .instrument import instrument
+
+        return instrument(model, recorder)
+
+    def destroy_distributed(self) -> None:
+        from .model import destroy_distributed
+
+        destroy_distributed()
 
 
-def swap_router(model, router: str, params: Any, load_scope: str) -> int:
-    """Swap ``router`` into every MoE layer of the built model (state copied)."""
-    return swap_routers(model, make_router_class(router, params, load_scope=load_scope))
+FRAMEWORK = MegatronFramework()

@@ -82,7 +82,9 @@ def instrument(model: torch.nn.Module, recorder: MoERecorder) -> Instrumentation
         shadow_method(moe, "route", route_factory, handle._restore)
         shadow_method(moe, "preprocess", _timed(recorder, "dispatch", layer), handle._restore)
         shadow_method(moe, "dispatch", _timed(recorder, "dispatch", layer), handle._restore)
-        shadow_method(moe, "routed_experts_compute", _timed(recorder, "experts", layer), handle._restore)
+        shadow_method(
+            moe, "routed_experts_compute", _timed(recorder, "experts", layer), handle._restore
+        )
         shadow_method(moe, "combine", _timed(recorder, "combine", layer), handle._restore)
         shadow_method(moe.experts, "forward", experts_forward_factory, handle._restore)
     if not handle.layers:

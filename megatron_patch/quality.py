@@ -1,20 +1,15 @@
-"""Teacher-forced quality of a Megatron-Core GPT-MoE on held-out text: next-token negative
-log-likelihood (perplexity), accuracy, and the expert loads the routers produced.
-
-``evaluate`` is collective at EP > 1 (every rank must call it with the same number of
-sequences and the same ``chunk``, so every rank runs the same number of forward calls) and
-returns this rank's sums; ``quality_from_sums`` turns sums (added over ranks) into figures.
-"""
+"""Expert loads of a Megatron-Core GPT-MoE while it runs: ``record_expert_loads`` sums each MoE
+layer's routing map over every forward inside a ``with`` block (``scripts/train_tiny.py``
+reports them per domain beside the held-out quality of ``moebalance.harness.quality``)."""
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from typing import Iterator
 
 import torch
 
-__all__ = ["evaluate", "quality_from_sums", "record_expert_loads"]
+__all__ = ["record_expert_loads"]
 
 
 @contextmanager
@@ -39,40 +34,3 @@ def record_expert_loads(model: torch.nn.Module) -> Iterator[dict[int, torch.Tens
     finally:
         for h in handles:
             h.remove()
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, sequences: torch.Tensor, chunk: int = 8) -> dict:
-    """Teacher-forced next-token figures of ``sequences`` [N, S + 1] (int64; input [:, :-1],
-    target [:, 1:]), ``chunk`` sequences per forward call (full causal attention, no cache).
-    Returns sums for this rank: nll (nats), correct (argmax hits), tokens."""
-    device = next(model.parameters()).device
-    N, span = sequences.shape
-    S = span - 1
-    mask = torch.ones(S, S, dtype=torch.bool, device=device).triu(1)[None, None]
-    positions = torch.arange(S, device=device).unsqueeze(0)
-    nll, correct, tokens = 0.0, 0, 0
-    for part in sequences.to(device).split(chunk):
-        B = part.shape[0]
-        logits = model(part[:, :-1], positions.expand(B, S), mask.expand(B, 1, S, S)).float()
-        target = part[:, 1:]
-        nll += float(
-            torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"
-            )
-        )
-        correct += int((logits.argmax(dim=-1) == target).sum())
-        tokens += target.numel()
-    return {"nll": nll, "correct": correct, "tokens": tokens}
-
-
-def quality_from_sums(sums: dict) -> dict:
-    """{"perplexity", "accuracy", "nll_per_token", "tokens"} from summed ``evaluate`` results."""
-    tokens = max(1, sums["tokens"])
-    nll = sums["nll"] / tokens
-    return {
-        "perplexity": math.exp(nll),
-        "nll_per_token": nll,
-        "accuracy": sums["correct"] / tokens,
-        "tokens": sums["tokens"],
-    }

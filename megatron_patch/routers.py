@@ -1,16 +1,15 @@
 """Megatron-Core routers that run the moebalance policies.
 
-``BalancedRouter`` is a ``TopKRouter`` whose ``routing()`` translates Megatron's config and
-process groups into moebalance's ``GateConfig`` / ``RoutingContext`` and calls
-``moebalance.policies.route``. The gate (``gating()``, weight, ``expert_bias``) and the
-state-dict keys are the stock ones, so checkpoints load unchanged. No policy is re-implemented
-here.
+``BalancedRouter`` is a ``TopKRouter`` whose ``routing()`` hands the gate logits to a
+``moebalance.runner.RouterRunner`` (the policy, its parameters, the load scope, the decode flag,
+the valid-row scatter; shared with DeepSpeed's ``BalancedGate``). This module only translates
+Megatron's config and process groups into moebalance's ``GateConfig`` and ``RoutingContext``.
+The gate (``gating()``, weight, ``expert_bias``) and the state-dict keys are the stock ones, so
+checkpoints load unchanged.
 
-Use a named class (``VanillaRouter``, ``LaserRouter``, ``LoadOnlyRouter``, ``TokenDropRouter``,
-``ExpandedDropRouter``) with default parameters, or bind parameters with
-``make_router_class(name, params, load_scope=...)``; either goes into a layer spec
-(``megatron_patch.inject.with_router``) or replaces the routers of a built model
-(``megatron_patch.inject.swap_routers``).
+``make_router_class(name, params, load_scope=...)`` binds a policy and its parameters into a
+``BalancedRouter`` subclass, which goes into a layer spec (``megatron_patch.inject.with_router``)
+or replaces the routers of a built model (``megatron_patch.inject.swap_routers``).
 
 Semantics, in Megatron's terms:
 
@@ -22,15 +21,15 @@ Semantics, in Megatron's terms:
   to size its buffers from the routing map instead of assuming T * k rows; policies that change
   the number of experts per token require it, and ``prepare_config`` sets it (to E: with the
   stock router that value drops nothing, capacity = T * k).
-- Padding: Megatron's ``padding_mask`` is True for padding tokens (moe_utils.py:167 and 952,
-  router.py:670, the ``GPTModel.forward`` docstring; the ``TopKRouter.routing`` and
-  ``MoELayer.forward`` docstrings say the opposite, the code does not). The policy sees only
-  the valid tokens, so padding never counts in loads, capacities or the EP-global counts.
-  Padded tokens are then routed nowhere when the dispatcher sizes buffers dynamically
-  (capacity factor set); otherwise (fixed k per row) they keep their vanilla top-k choice,
-  which keeps the T * k contract and makes ``VanillaRouter`` identical to the stock router
-  with or without a padding mask. Selecting the valid rows costs one host sync, only when a
-  mask is given.
+- Padding: Megatron's ``padding_mask`` is True for padding tokens (as ``GPTModel.forward``'s
+  docstring and the code of ``moe_utils`` and ``TopKRouter.forward`` treat it; the
+  ``TopKRouter.routing`` and ``MoELayer.forward`` docstrings say the opposite, the code does
+  not). The policy sees only the valid tokens, so padding never counts in loads, capacities or
+  the EP-global counts. Padded tokens are then routed nowhere when the dispatcher sizes buffers
+  dynamically (capacity factor set); otherwise (fixed k per row) they keep their vanilla top-k
+  choice, which keeps the T * k contract and makes the "topk" router identical to the stock
+  router with or without a padding mask. Selecting the valid rows costs one host sync, only
+  when a mask is given.
 - Decode: set ``router.decode = True`` (``inject.set_decode(model, True)``) during single-token
   decode steps; prefill-only policies (token drop, expanded drop) then route vanilla top-k.
 - LASER loads (``load_scope``): "local" starts LASER's least-loaded assignment from zero on each
@@ -55,7 +54,6 @@ import dataclasses
 from typing import Any, ClassVar, Optional
 
 import torch
-import torch.distributed as dist
 from megatron.core import utils as mcore_utils
 from megatron.core.transformer.moe.moe_utils import (
     ProcessGroupCollection,
@@ -65,25 +63,13 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from moebalance.config import ConfigError, GateConfig, RoutingContext
-from moebalance.distributed import (
-    LOAD_SCOPES,
-    check_load_scope,
-    resolve_params,
-    route_in_group,
-)
-from moebalance.policies import get_policy, route
+from moebalance.policies import get_policy
 from moebalance.routing import Routing
+from moebalance.runner import LOAD_SCOPES, RouterRunner, check_load_scope, resolve_params
 
 __all__ = [
     "LOAD_SCOPES",
     "BalancedRouter",
-    "VanillaRouter",
-    "LaserRouter",
-    "LaserFastRouter",
-    "LoadOnlyRouter",
-    "TokenDropRouter",
-    "ExpandedDropRouter",
-    "ROUTER_CLASSES",
     "gate_config",
     "make_router_class",
     "prepare_config",
@@ -91,16 +77,16 @@ __all__ = [
 ]
 
 
-
 def gate_config(config: TransformerConfig) -> GateConfig:
-    """moebalance GateConfig from Megatron's ``moe_router_*`` fields."""
+    """moebalance GateConfig from Megatron's ``moe_router_*`` fields (group limits, scaling
+    factor), for routers built from a user's own ``TransformerConfig``."""
     group_topk = config.moe_router_group_topk or None
     return GateConfig(
         num_experts=config.num_moe_experts,
         topk=config.moe_router_topk,
         score_function=config.moe_router_score_function,
         pre_softmax=bool(config.moe_router_pre_softmax),
-        # Megatron applies group limits only when group_topk is truthy (moe_utils.py:812).
+        # Megatron's group-limited top-k applies only when group_topk is truthy.
         num_groups=config.moe_router_num_groups if group_topk else None,
         group_topk=group_topk,
         scaling_factor=config.moe_router_topk_scaling_factor or None,
@@ -138,19 +124,19 @@ def prepare_config(config: TransformerConfig, router: str | type) -> Transformer
 
 class BalancedRouter(TopKRouter):
     """A TopKRouter whose ``routing()`` runs a moebalance policy (see the module docstring).
+    Build subclasses with ``make_router_class``.
 
-    Class attributes (bound by subclasses or ``make_router_class``):
-        policy_name: a name registered in ``moebalance.policies.POLICIES``.
+    Class attributes (bound by ``make_router_class``):
+        policy_name: a name registered in ``moebalance.policies.POLICIES`` ("topk" here).
         policy_params: the policy's params dataclass (None = its defaults).
         load_scope: "local" or "global" (EP-global loads for policies that take
             ``RoutingContext.expert_load``, i.e. LASER).
 
-    Instance attributes the harness may set:
-        decode: True during decode steps (prefill-only policies route vanilla).
-        seed: seed for the "random" drop policy.
-
-    After each call, ``last_routing`` holds the policy's Routing for the valid tokens (with
-    ``num_dropped`` and ``capacity``, which Megatron's (probs, routing_map) cannot carry).
+    ``runner`` (a ``moebalance.runner.RouterRunner``) routes. Attributes the harness may set,
+    forwarded to it: ``decode`` (prefill-only policies route vanilla) and ``seed`` (the
+    "random" drop policy). After each call, ``last_routing`` holds the policy's Routing for the
+    valid tokens (with ``num_dropped`` and ``capacity``, which Megatron's (probs, routing_map)
+    cannot carry).
     """
 
     policy_name: ClassVar[str] = "topk"
@@ -167,25 +153,22 @@ class BalancedRouter(TopKRouter):
             pg_collection = get_default_pg_collection()  # as MoELayer does
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
         self._check_supported(config)
-        self.policy = get_policy(self.policy_name)
-        self.params = resolve_params(self.policy, self.policy_params)
-        self.gate = gate_config(config)
+        self.runner = RouterRunner(
+            self.policy_name, self.policy_params, gate_config(config), load_scope=self.load_scope
+        )
         # TopKRouter keeps tp/cp groups only; the EP group is what the policies need.
         self.ep_group = pg_collection.ep
         self.ep_size = mcore_utils.get_pg_size(self.ep_group)
         self.ep_rank = mcore_utils.get_pg_rank(self.ep_group)
-        RoutingContext(ep_rank=self.ep_rank, ep_size=self.ep_size).validate(self.gate)
-        self.params.validate(self.gate)
-        check_load_scope(self.load_scope, self.policy_name)
-        if self.policy.variable_experts_per_token and config.moe_expert_capacity_factor is None:
+        RoutingContext(ep_rank=self.ep_rank, ep_size=self.ep_size).validate(self.runner.gate)
+        if self.runner.policy.variable_experts_per_token and (
+            config.moe_expert_capacity_factor is None
+        ):
             raise ConfigError(
                 f"router {self.policy_name!r} may change the number of experts per token: set "
                 "moe_expert_capacity_factor (megatron_patch.prepare_config(config, name) sets it "
                 "to num_moe_experts) so the token dispatcher sizes buffers dynamically"
             )
-        self.decode = False
-        self.seed = 0
-        self.last_routing: Optional[Routing] = None
 
     @staticmethod
     def _check_supported(config: TransformerConfig) -> None:
@@ -203,33 +186,53 @@ class BalancedRouter(TopKRouter):
         if bad:
             raise ConfigError(f"BalancedRouter does not support {', '.join(bad)}")
 
+    # The runner's state, as attributes of the router.
+    @property
+    def policy(self):
+        return self.runner.policy
+
+    @property
+    def params(self) -> Any:
+        return self.runner.params
+
+    @property
+    def gate(self) -> GateConfig:
+        return self.runner.gate
+
+    @property
+    def decode(self) -> bool:
+        return self.runner.decode
+
+    @decode.setter
+    def decode(self, value: bool) -> None:
+        self.runner.decode = bool(value)
+
+    @property
+    def seed(self) -> int:
+        return self.runner.seed
+
+    @seed.setter
+    def seed(self, value: int) -> None:
+        self.runner.seed = value
+
+    @property
+    def last_routing(self) -> Optional[Routing]:
+        return self.runner.last_routing
+
+    @last_routing.setter
+    def last_routing(self, value: Optional[Routing]) -> None:
+        self.runner.last_routing = value
+
     def _context(self) -> RoutingContext:
-        # Megatron ignores expert_bias for softmax gates (moe_utils.py:839-853); so do we.
-        bias = self.expert_bias if self.gate.score_function != "softmax" else None
+        # Megatron's score function ignores expert_bias for softmax gates; so do we.
+        bias = self.expert_bias if self.runner.gate.score_function != "softmax" else None
         layer = self.layer_number - 1 if self.layer_number is not None else None
-        return RoutingContext(
-            ep_rank=self.ep_rank,
-            ep_size=self.ep_size,
-            expert_bias=bias,
-            decode=bool(self.decode),
-            layer=layer,
-            seed=self.seed,
-        )
+        return self.runner.context(self.ep_rank, self.ep_size, layer=layer, expert_bias=bias)
 
     def route_tokens(self, logits: torch.Tensor) -> Routing:
         """Run the policy on ``logits`` [T, E] (valid tokens only). Collective when
         ``load_scope == "global"`` at EP > 1."""
-        decision = route_in_group(
-            self.policy_name,
-            logits,
-            self.gate,
-            self.params,
-            self._context(),
-            load_scope=self.load_scope,
-            group=self.ep_group,
-        )
-        self.last_routing = decision
-        return decision
+        return self.runner.route_tokens(logits, self._context(), self.ep_group)
 
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         """Policy routing. logits [S, B, E] (or [T, E]); padding_mask [S, B] bool, True = pad.
@@ -237,22 +240,16 @@ class BalancedRouter(TopKRouter):
         Returns (probs [T, E] in the logits' dtype, routing_map [T, E] bool).
         """
         logits = logits.view(-1, self.config.num_moe_experts)
-        if padding_mask is None:
-            decision = self.route_tokens(logits)
-            return decision.probs.type_as(logits), decision.routing_map.bool()
-
-        valid_rows = torch.nonzero(~padding_mask.reshape(-1).bool(), as_tuple=True)[0]
-        decision = self.route_tokens(logits.index_select(0, valid_rows))
-        if self.config.moe_expert_capacity_factor is None:
+        valid = None if padding_mask is None else ~padding_mask.reshape(-1).bool()
+        decision = self.runner.route(
+            logits,
+            self._context(),
+            self.ep_group,
+            valid,
             # Fixed k per row: padded rows keep vanilla top-k (never counted by the policy).
-            base = route("topk", logits, self.gate, None, self._context(), check_finite=False)
-            probs, routing_map = base.probs, base.routing_map
-        else:
-            probs = torch.zeros_like(logits)
-            routing_map = torch.zeros_like(logits, dtype=torch.bool)
-        probs = probs.index_copy(0, valid_rows, decision.probs.type_as(logits))
-        routing_map = routing_map.index_copy(0, valid_rows, decision.routing_map.bool())
-        return probs, routing_map
+            invalid_rows_topk=self.config.moe_expert_capacity_factor is None,
+        )
+        return decision.probs.type_as(logits), decision.routing_map.bool()
 
     def extra_repr(self) -> str:
         return (
@@ -268,7 +265,9 @@ def make_router_class(
     class_name: Optional[str] = None,
 ) -> type[BalancedRouter]:
     """A BalancedRouter subclass with policy ``name`` and its ``params`` (dataclass or dict)
-    bound, ready for a layer spec. Parameters are validated here, against the gate at build."""
+    bound, ready for a layer spec; ``make_router_class("topk")`` is vanilla top-k, identical
+    to the stock ``TopKRouter`` at inference. Parameters are validated here, against the gate
+    at build. ``class_name`` defaults to the policy's name in CamelCase + "Router"."""
     policy = get_policy(name)
     params = resolve_params(policy, params)
     check_load_scope(load_scope, name)
@@ -285,52 +284,3 @@ def make_router_class(
             "__doc__": f"BalancedRouter running policy {name!r} with {params!r}.",
         },
     )
-
-
-class VanillaRouter(BalancedRouter):
-    """Vanilla top-k: identical outputs to the stock TopKRouter (inference, no capacity drop)."""
-
-    policy_name = "topk"
-
-
-class LaserRouter(BalancedRouter):
-    """LASER with default parameters and per-rank ("local") loads."""
-
-    policy_name = "laser"
-
-
-class LaserFastRouter(BalancedRouter):
-    """LASER with the price assignment (1.3-1.6x top-k's routing time on CPU; looser balance)."""
-
-    policy_name = "laser_fast"
-
-
-class LoadOnlyRouter(BalancedRouter):
-    """Least-loaded over all experts, scores ignored (the imbalance lower bound)."""
-
-    policy_name = "load_only"
-
-
-class TokenDropRouter(BalancedRouter):
-    """Capacity-aware token drop with default parameters (needs ``prepare_config``)."""
-
-    policy_name = "token_drop"
-
-
-class ExpandedDropRouter(BalancedRouter):
-    """Capacity-aware expanded drop with default parameters (needs ``prepare_config``)."""
-
-    policy_name = "expanded_drop"
-
-
-ROUTER_CLASSES: dict[str, type[BalancedRouter]] = {
-    cls.policy_name: cls
-    for cls in (
-        VanillaRouter,
-        LaserRouter,
-        LaserFastRouter,
-        LoadOnlyRouter,
-        TokenDropRouter,
-        ExpandedDropRouter,
-    )
-}

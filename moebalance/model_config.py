@@ -1,19 +1,20 @@
-"""GPT-MoE model configs: one YAML file in ``configs/models`` maps one-to-one onto ``ModelConfig``.
+"""GPT-MoE model configs: one YAML file in ``moebalance/configs/models`` maps one-to-one onto ``ModelConfig``.
 
-Framework-agnostic (no Megatron import), so a launcher can validate a config in milliseconds
-before any process group starts; ``megatron_patch.model`` builds the model from it.
+Framework-agnostic (no framework import), so a launcher can validate a config in milliseconds
+before any process group starts; each adapter's ``model`` module builds the model from it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
-from .config import SCORE_FUNCTIONS, ConfigError
+from .config import SCORE_FUNCTIONS, ConfigError, GateConfig, _is_int, _is_number, _require_choice
 from .workloads import PRESETS
 
 __all__ = [
@@ -22,24 +23,21 @@ __all__ = [
     "SKEWS",
     "NORMALIZATIONS",
     "ACTIVATIONS",
-    "DISPATCHERS",
     "ModelConfig",
     "model_config_presets",
     "load_model_config",
     "TRAINED_CHECKPOINT_DIR",
     "trained_checkpoint",
-    "check_checkpoint_file",
 ]
 
 # The checkpoint trained by scripts/train_tiny.py: the harness's default model.
-TRAINED_CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-moe"
+TRAINED_CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints" / "tiny-moe"
 
-MODEL_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
+MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "models"
 DTYPES = ("float32", "bfloat16", "float16")
 SKEWS = ("none",) + tuple(PRESETS)
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 ACTIVATIONS = ("gelu", "swiglu")
-DISPATCHERS = ("alltoall", "allgather")  # Megatron token dispatchers the harness runs
 
 
 def _require(cond: bool, message: str) -> None:
@@ -49,9 +47,9 @@ def _require(cond: bool, message: str) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A GPT-MoE's shape, gate and initialisation (one YAML file in ``configs/models``).
+    """A GPT-MoE's shape, gate and initialisation (one YAML file in ``moebalance/configs/models``).
 
-    The defaults are a minimal model for unit tests; ``configs/models/tiny.yaml`` is the
+    The defaults are a minimal model for unit tests; ``moebalance/configs/models/tiny.yaml`` is the
     harness's default model.
 
     Attributes:
@@ -108,6 +106,10 @@ class ModelConfig:
     skew_domain: str = "c4"
 
     def __post_init__(self) -> None:
+        _require(
+            isinstance(self.name, str) and self.name != "",
+            f"name must be a non-empty string, got {self.name!r}",
+        )
         positive = (
             "vocab_size", "hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size",
             "num_experts", "topk", "max_sequence_length", "rotary_base",
@@ -115,21 +117,20 @@ class ModelConfig:
         for name in positive:
             value = getattr(self, name)
             _require(
-                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                _is_int(value) and value >= 1,
                 f"{name} must be an integer >= 1, got {value!r}",
             )
         for name in ("pre_softmax", "qk_layernorm", "tie_embeddings"):
             value = getattr(self, name)
             _require(isinstance(value, bool), f"{name} must be true or false, got {value!r}")
         _require(
-            isinstance(self.first_dense_layers, int) and isinstance(self.init_seed, int),
-            f"first_dense_layers and init_seed must be integers, got {self.first_dense_layers!r} "
-            f"and {self.init_seed!r}",
+            _is_int(self.init_seed) and 0 <= self.init_seed < 2**63,
+            f"init_seed must be an integer in [0, 2**63), got {self.init_seed!r}",
         )
         for name in ("num_query_groups", "moe_ffn_hidden_size", "shared_expert_ffn_hidden_size"):
             value = getattr(self, name)
             _require(
-                value is None or (isinstance(value, int) and value >= 1),
+                value is None or (_is_int(value) and value >= 1),
                 f"{name} must be an integer >= 1 or null, got {value!r}",
             )
         _require(
@@ -147,30 +148,25 @@ class ModelConfig:
             self.topk <= self.num_experts,
             f"topk must be in [1, num_experts={self.num_experts}], got {self.topk}",
         )
+        _require_choice("score_function", self.score_function, SCORE_FUNCTIONS)
         _require(
-            self.score_function in SCORE_FUNCTIONS,
-            f"score_function must be one of {SCORE_FUNCTIONS}, got {self.score_function!r}",
-        )
-        _require(
-            isinstance(self.first_dense_layers, int)
-            and 0 <= self.first_dense_layers < self.num_layers,
+            _is_int(self.first_dense_layers) and 0 <= self.first_dense_layers < self.num_layers,
             f"first_dense_layers must be an integer in [0, num_layers={self.num_layers}), "
             f"got {self.first_dense_layers!r}",
         )
+        _require_choice("normalization", self.normalization, NORMALIZATIONS)
+        _require_choice("activation", self.activation, ACTIVATIONS)
+        _require_choice("dtype", self.dtype, DTYPES)
         _require(
-            self.normalization in NORMALIZATIONS,
-            f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}",
+            _is_number(self.init_method_std) and self.init_method_std > 0,
+            f"init_method_std must be a finite number > 0, got {self.init_method_std!r}",
         )
-        _require(
-            self.activation in ACTIVATIONS,
-            f"activation must be one of {ACTIVATIONS}, got {self.activation!r}",
+        _require_choice("skew", self.skew, SKEWS)
+        _require_choice(
+            "skew_domain",
+            self.skew_domain,
+            tuple(dict.fromkeys(d for preset in PRESETS.values() for d in preset.domains)),
         )
-        _require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        _require(
-            isinstance(self.init_method_std, (int, float)) and self.init_method_std > 0,
-            f"init_method_std must be a number > 0, got {self.init_method_std!r}",
-        )
-        _require(self.skew in SKEWS, f"skew must be one of {SKEWS}, got {self.skew!r}")
         if self.skew != "none":
             preset = PRESETS[self.skew]
             _require(
@@ -202,16 +198,30 @@ class ModelConfig:
         """A validated copy with ``changes`` applied."""
         return dataclasses.replace(self, **changes)
 
+    def gate_config(self) -> GateConfig:
+        """How this model's gate turns logits into weights, for the routing policies: E
+        experts, top-k, score function, pre-softmax (no group limit, no scaling factor)."""
+        return GateConfig(
+            num_experts=self.num_experts,
+            topk=self.topk,
+            score_function=self.score_function,
+            pre_softmax=self.pre_softmax,
+        )
+
 
 def model_config_presets() -> dict[str, Path]:
-    """{name: path} of the YAML model configs shipped in ``configs/models``."""
+    """{name: path} of the YAML model configs shipped in ``moebalance/configs/models``."""
     return {p.stem: p for p in sorted(MODEL_CONFIG_DIR.glob("*.yaml"))}
 
 
 def load_model_config(path_or_name: str | Path) -> ModelConfig:
-    """A ModelConfig from a YAML file, or from a preset name in ``configs/models``.
+    """A ModelConfig from a YAML file, or from a preset name in ``moebalance/configs/models``.
 
     Raises ConfigError for a missing file, bad YAML, unknown keys or invalid values."""
+    if not isinstance(path_or_name, (str, os.PathLike)):
+        raise ConfigError(
+            f"model config must be a YAML file path or a preset name, got {path_or_name!r}"
+        )
     presets = model_config_presets()
     path = presets.get(str(path_or_name), Path(path_or_name))
     if not path.is_file():
@@ -223,10 +233,12 @@ def load_model_config(path_or_name: str | Path) -> ModelConfig:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"model config {path}: invalid YAML ({err})".replace("\n", " ")) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"model config {path}: unreadable ({err})".replace("\n", " ")) from None
     if not isinstance(data, dict):
         raise ConfigError(f"model config {path}: expected a mapping, got {type(data).__name__}")
     known = {f.name for f in fields(ModelConfig)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - known, key=str)
     if unknown:
         raise ConfigError(
             f"model config {path}: unknown field(s) {unknown}; allowed: {sorted(known)}"
@@ -238,59 +250,5 @@ def load_model_config(path_or_name: str | Path) -> ModelConfig:
 
 
 def trained_checkpoint() -> tuple[Path, Path]:
-    """(safetensors file, config YAML) of the shipped trained model (``checkpoints/tiny-moe``)."""
+    """(safetensors file, config YAML) of the shipped trained model (``moebalance/checkpoints/tiny-moe``, package data)."""
     return TRAINED_CHECKPOINT_DIR / "model.safetensors", TRAINED_CHECKPOINT_DIR / "config.yaml"
-
-
-def check_checkpoint_file(path: str | Path, cfg: ModelConfig) -> None:
-    """Fast check (header only, no Megatron) that ``path`` is a canonical safetensors checkpoint
-    whose shapes fit ``cfg``: embedding, output layer, number of layers, per MoE layer the router
-    and the number and shapes of the experts. Raises ConfigError with a one-line message.
-    ``megatron_patch.model.load_checkpoint`` checks every key when loading."""
-    import re
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"checkpoint {path} not found")
-    if path.suffix != ".safetensors":
-        raise ConfigError(f"checkpoint {path}: expected a .safetensors file")
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same message
-        raise ConfigError(f"checkpoint {path}: not a readable safetensors file ({err})") from None
-    H, V, E = cfg.hidden_size, cfg.vocab_size, cfg.num_experts
-    F = cfg.expert_ffn_hidden_size * (2 if cfg.activation == "swiglu" else 1)
-    want = {"embedding.word_embeddings.weight": (V, H)}
-    if not cfg.tie_embeddings:
-        want["output_layer.weight"] = (V, H)
-    for layer in cfg.moe_layer_indices:
-        prefix = f"decoder.layers.{layer}.mlp."
-        want[prefix + "router.weight"] = (E, H)
-        for e in range(E):
-            want[f"{prefix}experts.local_experts.{e}.linear_fc1.weight"] = (F, H)
-            want[f"{prefix}experts.local_experts.{e}.linear_fc2.weight"] = (H, cfg.expert_ffn_hidden_size)
-    layers = {int(m.group(1)) for k in shapes if (m := re.match(r"decoder\.layers\.(\d+)\.", k))}
-    if layers and max(layers) + 1 != cfg.num_layers:
-        raise ConfigError(
-            f"checkpoint {path} has {max(layers) + 1} layers, the model config "
-            f"{cfg.name!r} has num_layers={cfg.num_layers}"
-        )
-    experts = {
-        int(m.group(1)) for k in shapes if (m := re.search(r"local_experts\.(\d+)\.", k))
-    }
-    if experts and max(experts) + 1 != E:
-        raise ConfigError(
-            f"checkpoint {path} has {max(experts) + 1} experts per layer, the model config "
-            f"{cfg.name!r} has num_experts={E}"
-        )
-    for key, shape in want.items():
-        if key not in shapes:
-            raise ConfigError(f"checkpoint {path} lacks {key} (model config {cfg.name!r})")
-        if shapes[key] != shape:
-            raise ConfigError(
-                f"checkpoint {path}: {key} has shape {shapes[key]}, the model config "
-                f"{cfg.name!r} expects {shape}"
-            )

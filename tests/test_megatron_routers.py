@@ -4,9 +4,9 @@ One spawn per world size (1, 2, 4) runs every case of that world inside the rank
 plain numbers; the tests below read them. Each case builds a tiny MoELayer (hidden 32, 8
 experts, top-2, fp32, local spec, SequentialMLP) and checks:
 
-- routers vs stock ``TopKRouter``: ``VanillaRouter`` gives bit-identical (probs, routing_map)
-  for softmax post / pre, sigmoid with expert bias, group-limited, sqrt-softplus, with a
-  capacity factor of E, and with a padding mask (world 1);
+- routers vs stock ``TopKRouter``: ``make_router_class("topk")`` gives bit-identical (probs,
+  routing_map) for softmax post / pre, sigmoid with expert bias, group-limited, sqrt-softplus,
+  with a capacity factor of E, and with a padding mask (world 1);
 - MoELayer forward vs a dense reference built from the layer's own routing decision with all
   experts' weights all-gathered to every rank, for each router x dispatcher (alltoall,
   allgather), and the decision vs the moebalance policy called directly;
@@ -246,18 +246,18 @@ def _layer_case(world, rank, dispatcher, case):
 
 
 def _stock_case(world, case):
-    """VanillaRouter vs stock TopKRouter with identical weights: forward() with grad off and on,
-    plus routing() with a padding mask."""
+    """make_router_class("topk") vs stock TopKRouter with identical weights: forward() with grad
+    off and on, plus routing() with a padding mask."""
     import torch
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
     from megatron.core.transformer.moe.router import TopKRouter
 
-    from megatron_patch import VanillaRouter
+    from megatron_patch import make_router_class
 
     config = _config(world, "alltoall", **STOCK_CASES[case])
     pgs = get_default_pg_collection()
     stock = TopKRouter(config=config, pg_collection=pgs).eval()
-    ours = VanillaRouter(config=config, pg_collection=pgs).eval()
+    ours = make_router_class("topk")(config=config, pg_collection=pgs).eval()
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         stock.weight.copy_(torch.randn(stock.weight.shape, generator=gen))
@@ -282,15 +282,18 @@ def _stock_case(world, case):
 
 
 def _injection_case(world, rank, dispatcher):
-    """with_router and swap_routers with VanillaRouter reproduce the stock layer bit for bit."""
+    """with_router and swap_routers with the "topk" router reproduce the stock layer bit for
+    bit."""
     import torch
 
-    from megatron_patch import VanillaRouter, moe_layers, swap_routers
+    from megatron_patch import make_router_class, moe_layers, swap_routers
+
+    vanilla = make_router_class("topk")
 
     config = _config(world, dispatcher)
     tokens = _tokens(rank)
     stock = _build_layer(config)
-    injected = _build_layer(config, VanillaRouter)
+    injected = _build_layer(config, vanilla)
     keys_equal = list(stock.state_dict()) == list(injected.state_dict())
     injected.load_state_dict(stock.state_dict(), strict=True)
     with torch.no_grad():
@@ -298,7 +301,7 @@ def _injection_case(world, rank, dispatcher):
         got_injected = injected(tokens)[0]
     model = torch.nn.ModuleList([stock, _build_layer(config)])
     rng_before = torch.get_rng_state()
-    swapped = swap_routers(model, VanillaRouter)
+    swapped = swap_routers(model, vanilla)
     rng_kept = torch.equal(rng_before, torch.get_rng_state())
     with torch.no_grad():
         got_swapped = model[0](tokens)[0]
@@ -346,13 +349,14 @@ def _config_errors(world):
     """Router construction errors that must be explicit (ConfigError), not dispatcher crashes."""
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
-    from megatron_patch import TokenDropRouter, make_router_class
+    from megatron_patch import make_router_class
     from moebalance import ConfigError
 
     out = {}
     try:
         config = _config(world, "alltoall")
-        TokenDropRouter(config=config, pg_collection=get_default_pg_collection())
+        token_drop = make_router_class("token_drop")
+        token_drop(config=config, pg_collection=get_default_pg_collection())
         out["token_drop_without_capacity_factor"] = "no error"
     except ConfigError as err:
         out["token_drop_without_capacity_factor"] = f"ConfigError: {err}"
@@ -409,7 +413,7 @@ def _world(world: int) -> list[dict]:
 @pytest.mark.parametrize("case", sorted(STOCK_CASES))
 def test_vanilla_router_identical_to_stock_topk_router(case):
     result = _world(1)[0]["stock"][case]
-    assert result["identical"], f"{case}: VanillaRouter.forward differs from TopKRouter.forward"
+    assert result["identical"], f"{case}: TopkRouter.forward differs from TopKRouter.forward"
     assert result["identical_padded"] in (True, None), f"{case}: routing() with padding differs"
 
 
@@ -469,9 +473,9 @@ def test_variable_k_router_without_capacity_factor_is_a_config_error():
 def test_with_router_and_swap_routers_reproduce_stock(world, dispatcher):
     for rank, result in enumerate(_world(world)):
         r = result["inject"][dispatcher]
-        assert r["with_router_type"] == "VanillaRouter", r
+        assert r["with_router_type"] == "TopkRouter", r
         assert r["with_router_identical"], f"rank {rank}: {r}"
-        assert r["swapped"] == 2 and r["swap_types"] == ["VanillaRouter"], r
+        assert r["swapped"] == 2 and r["swap_types"] == ["TopkRouter"], r
         assert r["swap_identical"], f"rank {rank}: {r}"
         assert r["swap_layer_number"] == 1 and r["swap_rng_kept"], r
 

@@ -91,3 +91,15 @@ def test_file_errors(tmp_path):
     bad.write_text("topk: 0\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: topk must be"):
         load_model_config(bad)
+
+
+def test_gate_config_follows_the_model():
+    from moebalance import GateConfig
+
+    olmoe = load_model_config("olmoe-1b-7b")
+    assert olmoe.gate_config() == GateConfig(
+        num_experts=64, topk=8, score_function="softmax", pre_softmax=True
+    )
+    sigmoid = ModelConfig(score_function="sigmoid")
+    assert sigmoid.gate_config().score_function == "sigmoid"
+    assert sigmoid.gate_config().num_groups is None and sigmoid.gate_config().scaling_factor is None

@@ -1,0 +1,195 @@
+"""How a framework adapter runs a routing policy inside one MoE layer (torch.distributed only).
+
+``RouterRunner`` is what Megatron-Core's ``megatron_patch.BalancedRouter`` and DeepSpeed's
+``deepspeed_patch.BalancedGate`` both hold: the policy and its parameters, the gate config, the
+load scope, the decode flag and seed, the ``RoutingContext`` of each call, the EP-global loads,
+the scatter of a decision over the valid rows back to all rows, and the last decision. The
+adapters only compute the gate logits and translate the ``Routing`` into what their dispatcher
+consumes.
+
+A policy never talks to the network; what is EP-global (the other ranks' loads) is computed
+here, by an all-reduce over the EP group the adapter passes in, and handed to the policy through
+``RoutingContext.expert_load``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError, GateConfig, RoutingContext
+from .policies import get_policy, resolve_params, route
+from .routing import Routing
+
+__all__ = [
+    "LOAD_SCOPES",
+    "RouterRunner",
+    "check_load_scope",
+    "other_ranks_load",
+    "resolve_params",
+    "route_in_group",
+]
+
+#: "local": LASER balances each rank's tokens on their own (the paper's per-batch reset);
+#: "global": against the loads the other EP ranks would put on each expert (one all-reduce of
+#: E floats per layer call).
+LOAD_SCOPES = ("local", "global")
+
+
+def check_load_scope(load_scope: str, name: str) -> None:
+    """ConfigError unless ``load_scope`` is known and fits policy ``name``."""
+    if load_scope not in LOAD_SCOPES:
+        raise ConfigError(f"load_scope must be one of {LOAD_SCOPES}, got {load_scope!r}")
+    if load_scope == "global" and not get_policy(name).uses_expert_load:
+        raise ConfigError(
+            f"load_scope='global' needs a policy that reads expert loads (laser, load_only); "
+            f"router {name!r} does not"
+        )
+
+
+def other_ranks_load(
+    logits: torch.Tensor, gate: GateConfig, ctx: RoutingContext, group: Any
+) -> torch.Tensor | None:
+    """[E] float32: vanilla top-k counts (tokens) of the other EP ranks' tokens; None at EP 1.
+
+    Collective over ``group``: every EP rank must call it in every layer call (lockstep), also
+    with zero local tokens.
+    """
+    if ctx.ep_size == 1:
+        return None
+    vanilla = route("topk", logits, gate, None, ctx, check_finite=False)
+    local = vanilla.routing_map.sum(dim=0).to(torch.float32)
+    total = local.clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return total - local
+
+
+def route_in_group(
+    name: str,
+    logits: torch.Tensor,
+    gate: GateConfig,
+    params: Any,
+    ctx: RoutingContext,
+    *,
+    load_scope: str,
+    group: Any,
+) -> Routing:
+    """Run policy ``name`` on this rank's ``logits`` [T, E], adding EP-global loads first when
+    ``load_scope == "global"`` (collective at EP > 1)."""
+    if load_scope == "global":
+        ctx = dataclasses.replace(ctx, expert_load=other_ranks_load(logits, gate, ctx, group))
+    return route(name, logits, gate, params, ctx, check_finite=False)
+
+
+class RouterRunner:
+    """One MoE layer's routing: policy ``name`` with ``params`` on gate ``gate``.
+
+    Args:
+        name: a policy registered in ``moebalance.policies.POLICIES``.
+        params: its params dataclass or a dict (None = its defaults); validated against
+            ``gate`` here.
+        gate: how logits become weights (E experts, top-k, score function).
+        load_scope: "local" or "global" (EP-global loads, for policies that read
+            ``RoutingContext.expert_load``).
+
+    Attributes the harness sets through the adapter: ``decode`` (True during single-token
+    decode steps: prefill-only policies route vanilla top-k), ``seed`` (the "random" drop
+    policy). ``last_routing`` holds the policy's decision for the valid tokens of the latest
+    call (with ``num_dropped`` and ``capacity``, which the frameworks' outputs cannot carry).
+    """
+
+    def __init__(
+        self, name: str, params: Any, gate: GateConfig, *, load_scope: str = "local"
+    ) -> None:
+        self.policy = get_policy(name)
+        self.params = resolve_params(self.policy, params)
+        self.gate = gate
+        self.params.validate(gate)
+        check_load_scope(load_scope, self.policy.name)
+        self.load_scope = load_scope
+        self.decode = False
+        self.seed = 0
+        self.last_routing: Optional[Routing] = None
+
+    @property
+    def name(self) -> str:
+        return self.policy.name
+
+    def context(
+        self,
+        ep_rank: int,
+        ep_size: int,
+        *,
+        layer: Optional[int] = None,
+        expert_bias: Optional[torch.Tensor] = None,
+    ) -> RoutingContext:
+        """The ``RoutingContext`` of one call: where the layer runs (EP rank and size, 0-based
+        decoder layer index, the gate's [E] expert bias) and the runner's decode flag and seed."""
+        return RoutingContext(
+            ep_rank=ep_rank,
+            ep_size=ep_size,
+            expert_bias=expert_bias,
+            decode=bool(self.decode),
+            layer=layer,
+            seed=self.seed,
+        )
+
+    def route_tokens(self, logits: torch.Tensor, ctx: RoutingContext, group: Any) -> Routing:
+        """The policy's decision for ``logits`` [T, E] (valid tokens only), kept in
+        ``last_routing``. Collective over the EP ``group`` when ``load_scope`` is "global" at
+        EP > 1."""
+        decision = route_in_group(
+            self.policy.name,
+            logits,
+            self.gate,
+            self.params,
+            ctx,
+            load_scope=self.load_scope,
+            group=group,
+        )
+        self.last_routing = decision
+        return decision
+
+    def route(
+        self,
+        logits: torch.Tensor,
+        ctx: RoutingContext,
+        group: Any,
+        valid: Optional[torch.Tensor] = None,
+        *,
+        invalid_rows_topk: bool = False,
+    ) -> Routing:
+        """The decision for all T rows of ``logits`` [T, E].
+
+        ``valid``: [T] bool, True = a real token (None: all are). The policy sees only the
+        valid rows, so padding never counts in loads, capacities or EP-global counts; the
+        decision is scattered back (probs in the logits' dtype). Invalid rows are routed
+        nowhere, or, with ``invalid_rows_topk``, keep their vanilla top-k choice (for a
+        dispatcher that assumes exactly k routes per row). Selecting the valid rows costs one
+        host sync, only when ``valid`` is given. ``capacity`` and ``num_dropped`` are the
+        policy's.
+        """
+        if valid is None:
+            return self.route_tokens(logits, ctx, group)
+        rows = torch.nonzero(valid.reshape(-1), as_tuple=True)[0]
+        decision = self.route_tokens(logits.index_select(0, rows), ctx, group)
+        if invalid_rows_topk:
+            base = route("topk", logits, self.gate, None, ctx, check_finite=False)
+            probs, routing_map = base.probs, base.routing_map
+        else:
+            probs = torch.zeros_like(logits)
+            routing_map = torch.zeros_like(logits, dtype=torch.bool)
+        probs = probs.index_copy(0, rows, decision.probs.to(logits.dtype))
+        routing_map = routing_map.index_copy(0, rows, decision.routing_map.bool())
+        return Routing(
+            probs, routing_map, capacity=decision.capacity, num_dropped=decision.num_dropped
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"RouterRunner(policy={self.policy.name!r}, load_scope={self.load_scope!r}, "
+            f"params={self.params!r})"
+        )
