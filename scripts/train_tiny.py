@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Train the small GPT-MoE (``configs/models/tiny.yaml``) with Megatron-Core on CPU and write the
-checkpoint the harness serves by default (``checkpoints/tiny-moe/``).
+"""Train the small GPT-MoE (``moebalance/configs/models/tiny.yaml``) with Megatron-Core on CPU
+and write the checkpoint the harness serves by default (``moebalance/checkpoints/tiny-moe/``).
 
     python scripts/train_tiny.py                        # default corpus, ~5 min on 2 cores
     python scripts/train_tiny.py --corpus ../shared/data/corpus --out /tmp/my-moe
@@ -49,10 +49,10 @@ from moebalance.corpus import (  # noqa: E402
     load_corpus_dir,
     sample_batch,
 )
-from moebalance.model_config import load_model_config  # noqa: E402
+from moebalance.model_config import TRAINED_CHECKPOINT_DIR, load_model_config  # noqa: E402
 
 PROG = "train_tiny.py"
-DEFAULT_OUT = ROOT / "checkpoints" / "tiny-moe"
+DEFAULT_OUT = TRAINED_CHECKPOINT_DIR
 EVAL_SEQS = 48  # held-out sequences per domain
 EVAL_LEN = 128  # tokens per held-out sequence
 
@@ -100,7 +100,8 @@ def lr_at(step: int, args) -> float:
 
 def heldout_report(model, corpus, cfg, eval_seqs: int) -> dict:
     """Per domain: perplexity, accuracy, and per MoE layer the expert loads and max / mean."""
-    from megatron_patch.quality import evaluate, quality_from_sums, record_expert_loads
+    from megatron_patch.quality import record_expert_loads
+    from moebalance.harness.quality import evaluate, quality_from_sums
 
     out = {}
     for domain in corpus.domains:

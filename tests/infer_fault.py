@@ -16,10 +16,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 import infer  # noqa: E402
+from moebalance.harness import generate as harness_generate  # noqa: E402
 
 if os.environ["RANK"] == os.environ["FAIL_RANK"]:
     calls = []
-    real_generate = infer.generate
+    real_generate = harness_generate.generate
 
     def generate(*args, **kwargs):
         calls.append(1)
@@ -29,7 +30,7 @@ if os.environ["RANK"] == os.environ["FAIL_RANK"]:
             raise RuntimeError("injected failure")
         return real_generate(*args, **kwargs)
 
-    infer.generate = generate
+    harness_generate.generate = generate  # what harness.generate.measure calls
 
 sys.argv = ["infer.py", *sys.argv[1:]]
 sys.exit(infer.entry())

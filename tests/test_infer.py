@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from moebalance import telemetry
-from moebalance.model_config import load_model_config, model_config_presets
+from moebalance.model_config import load_model_config, model_config_presets, trained_checkpoint
 from moebalance.policies import POLICIES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,9 +148,10 @@ def test_uneven_prompts_complete_and_json_is_complete(uneven):
     env = report["environment"]
     assert env["world_size"] == NPROC and env["ep_size"] == NPROC and env["backend"] == "gloo"
     assert env["device"] == "cpu" and env["torch"] and env["megatron_core"] and "deepspeed" in env
-    # the default model is the trained checkpoint (checkpoints/tiny-moe), prompts real text
+    # the default model is the trained checkpoint (moebalance/checkpoints/tiny-moe), prompts real text
     assert report["config"]["model"]["name"] == "tiny-moe" and report["config"]["run"]["uneven"]
-    assert report["config"]["run"]["checkpoint"].endswith("checkpoints/tiny-moe/model.safetensors")
+    assert report["config"]["run"]["checkpoint"] == str(trained_checkpoint()[0])
+    assert report["partial"] is False  # every router finished
     for run in report["runs"]:  # held-out quality per domain, for both routers
         assert set(run["quality"]) == {"prose", "code", "all"}
         for q in run["quality"].values():
@@ -301,17 +302,19 @@ def test_bad_options_exit_2_with_one_line(infer, capsys, monkeypatch, argv, worl
 
 def test_good_options_resolve_defaults(infer, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    args = infer.parse_args(
+    monkeypatch.chdir(ROOT)
+    run = infer.parse_args(
         ["--router", "token_drop", "--router-args", "capacity_factor=1.2", "drop_policy=order"]
     )
-    assert args.ep == 2 and args.routers == ["token_drop"]
-    assert args.params.capacity_factor == 1.2 and args.params.drop_policy == "order"
+    assert run.ep == 2 and run.routers == ("token_drop",)
+    assert run.params.capacity_factor == 1.2 and run.params.drop_policy == "order"
     # default model: the trained checkpoint and the config beside it
-    assert args.model == load_model_config(ROOT / "checkpoints" / "tiny-moe" / "config.yaml")
-    assert args.checkpoint == str(ROOT / "checkpoints" / "tiny-moe" / "model.safetensors")
-    assert args.out == ROOT / "results" / "infer_token_drop_ep2.json"
-    args = infer.parse_args(["--router", "laser", "--compare", "--skew", "none", "--ep", "1"])
-    assert args.routers == ["topk", "laser"] and args.model.skew == "none" and args.ep == 1
+    checkpoint, config = trained_checkpoint()
+    assert run.model == load_model_config(config)
+    assert run.config.checkpoint == str(checkpoint)
+    assert run.out == ROOT / "results" / "infer_token_drop_ep2.json"  # under the working dir
+    run = infer.parse_args(["--router", "laser", "--compare", "--skew", "none", "--ep", "1"])
+    assert run.routers == ("topk", "laser") and run.model.skew == "none" and run.ep == 1
 
 
 def test_help_lists_routers_and_presets(infer, capsys):

@@ -1,4 +1,4 @@
-"""scripts/train_tiny.py and the trained checkpoint it ships (checkpoints/tiny-moe): training
+"""scripts/train_tiny.py and the trained checkpoint it ships (moebalance/checkpoints/tiny-moe): training
 lowers the loss, the shipped checkpoint reproduces its model card, its routing depends on the
 domain, and infer.py refuses a missing or mismatched checkpoint with a one-line error (exit 2).
 
@@ -21,7 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "scripts" / "train_tiny.py"
 INFER = ROOT / "scripts" / "infer.py"
-SHIPPED = ROOT / "checkpoints" / "tiny-moe"
+SHIPPED = ROOT / "moebalance" / "checkpoints" / "tiny-moe"
 
 TINY_MODEL = """name: test-moe
 vocab_size: 256
@@ -88,7 +88,8 @@ def test_training_reduces_loss_deterministically(tmp_path):
 EVAL_SHIPPED = """
 import json, sys, torch
 from megatron_patch.model import build_model, init_distributed, destroy_distributed
-from megatron_patch.quality import evaluate, quality_from_sums, record_expert_loads
+from megatron_patch.quality import record_expert_loads
+from moebalance.harness.quality import evaluate, quality_from_sums
 from moebalance.corpus import default_corpus, heldout_sequences
 from moebalance.model_config import load_model_config, trained_checkpoint
 torch.set_num_threads(2)

@@ -1,0 +1,96 @@
+"""The command line of ``scripts/infer.py``: flags onto ``RunConfig`` fields.
+
+Every flag is optional and names one field (``--prompt-len`` -> ``prompt_len``; ``--config`` and
+``--model`` -> ``model``; ``--no-nvtx`` -> ``nvtx: false``); ``--run NAME|FILE`` starts from a run
+file, ``--set field=value`` overrides any field last, ``--router-args key=value ...`` adds router
+parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import Any, Optional
+
+from ..config import ConfigError, parse_key_values
+from ..model_config import SKEWS, model_config_presets
+from ..policies import POLICIES
+from .config import (
+    FRAMEWORKS,
+    Run,
+    RunConfig,
+    apply_overrides,
+    load_run_config,
+    resolve,
+    run_config_presets,
+)
+
+__all__ = ["build_parser", "run_from_args"]
+
+
+def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The parser: every option defaults to "not given" (``argparse.SUPPRESS``), so that only
+    the flags on the command line override the run file."""
+    routers = "\n".join(f"  {name:<14} {p.summary}" for name, p in POLICIES.items())
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+        epilog=f"routers:\n{routers}\n\nmodel presets: {', '.join(model_config_presets())}\n"
+        f"run presets (--run): {', '.join(run_config_presets())}\nskews: {', '.join(SKEWS)}",
+    )
+    add = parser.add_argument
+    add("--run", help="run file: a preset name or a YAML path (fields as RunConfig)")
+    add("--set", nargs="+", action="extend", metavar="FIELD=VALUE",
+        help="override any run field last, e.g. --set batch=4 router_args.pool_size=3")
+    add("--router", help="routing policy (default: expanded_drop)")
+    add("--router-args", nargs="*", action="extend", metavar="KEY=VALUE",
+        help="router parameters, e.g. capacity_factor=1.2 (see moebalance.config)")
+    add("--router-args-file", help="YAML mapping of router parameters (per_layer included)")
+    add("--load-scope", help="LASER loads: local or global (EP all-reduce) (default: local)")
+    add("--config", "--model", dest="model",
+        help="model preset or YAML path (default: the trained tiny-moe checkpoint's config, or "
+        "with --skew the random-init preset 'tiny')")
+    add("--skew", help="override the model config's skew: " + ", ".join(SKEWS))
+    add("--checkpoint", help="canonical safetensors checkpoint (default: the trained tiny-moe)")
+    add("--framework", help=f"one of {FRAMEWORKS} (default: megatron)")
+    add("--dispatcher", help="token dispatcher (megatron: alltoall, allgather; deepspeed: alltoall)")
+    add("--ep", type=int, help="expert-parallel size (default: world size)")
+    add("--batch", type=int, help="prompts per rank (default: 8)")
+    add("--prompt-len", type=int, help="prompt tokens (default: 64)")
+    add("--gen-len", type=int, help="tokens generated per prompt (default: 16)")
+    add("--uneven", action="store_true", help="prompt lengths differ per prompt and per rank")
+    add("--warmup", type=int, help="unmeasured generations first (default: 1)")
+    add("--compare", action="store_true", help="also run vanilla top-k on the same prompts")
+    add("--seed", type=int, help="prompt seed (default: 0)")
+    add("--eval-seqs", type=int, help="held-out sequences per domain and rank (default: 8)")
+    add("--eval-len", type=int, help="tokens per held-out sequence (default: 128)")
+    add("--timeout", type=float, help="collective timeout, s (default: 120)")
+    add("--out", help="JSON path (default: results/infer_<router>_ep<N>.json)")
+    add("--no-nvtx", dest="nvtx", action="store_false", help="do not emit NVTX ranges")
+    return parser
+
+
+def _config_from(namespace: argparse.Namespace) -> RunConfig:
+    given: dict[str, Any] = vars(namespace)
+    cfg = load_run_config(given.pop("run")) if "run" in given else RunConfig()
+    overrides = given.pop("set", [])
+    router_args = parse_key_values(given.pop("router_args", []), "--router-args")
+    cfg = dataclasses.replace(cfg, router_args={**cfg.router_args, **router_args}, **given)
+    return apply_overrides(cfg, overrides)
+
+
+def run_from_args(parser: argparse.ArgumentParser, argv: Optional[list[str]] = None) -> Run:
+    """Parse ``argv`` and resolve the run for the torchrun environment (``WORLD_SIZE``,
+    ``LOCAL_WORLD_SIZE``). ConfigError on any bad value; argparse's own errors exit 2."""
+    import torch
+
+    cfg = _config_from(parser.parse_args(argv))
+    return resolve(
+        cfg,
+        world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+        cuda_devices=torch.cuda.device_count() if torch.cuda.is_available() else 0,
+    )

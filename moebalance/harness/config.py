@@ -1,0 +1,321 @@
+"""The run configuration of ``scripts/infer.py``: one dataclass, ``RunConfig``, whose fields map
+one-to-one onto the keys of a run file (``moebalance/configs/runs/*.yaml``) and onto the command-line flags.
+
+Precedence, lowest first: the dataclass defaults, the run file (``--run NAME|FILE``), the flags
+given on the command line, then ``--set field=value`` overrides (``--set router_args.pool_size=3``
+reaches a router parameter). ``resolve`` validates the whole run at once, before any process
+group starts, and returns a ``Run``: the config plus what it resolves to (model config, router
+parameters, EP size, the routers to run, the output path). Errors are ``ConfigError`` with one
+line naming the option and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from ..config import ConfigError, parse_key_values
+from ..model_config import SKEWS, ModelConfig, load_model_config, trained_checkpoint
+from ..policies import POLICIES, make_params
+from ..runner import check_load_scope
+from ..weights import check_checkpoint_file
+
+__all__ = [
+    "FRAMEWORKS",
+    "VANILLA",
+    "RUN_CONFIG_DIR",
+    "RunConfig",
+    "Run",
+    "run_config_presets",
+    "load_run_config",
+    "apply_overrides",
+    "resolve",
+]
+
+FRAMEWORKS = ("megatron", "deepspeed")
+VANILLA = "topk"
+RUN_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "runs"
+
+
+@dataclass
+class RunConfig:
+    """One expert-parallel inference run (``scripts/infer.py``).
+
+    Attributes:
+        model: model preset name or YAML path (None: the trained checkpoint's config; with
+            ``skew`` alone the random-init preset "tiny"; with ``checkpoint``, a config.yaml
+            beside it when there is one).
+        checkpoint: canonical safetensors checkpoint (None: the trained default model unless
+            ``model`` or ``skew`` is given).
+        skew: override the model config's skew ("none" or a workload preset).
+        framework: "megatron" (Megatron-Core GPTModel) or "deepspeed" (DeepSpeed MoE layers,
+            same weights).
+        router: routing policy name; router_args: its parameters ({field: value}, per_layer
+            included); router_args_file: a YAML mapping of parameters, applied before
+            router_args.
+        load_scope: "local" or "global" (EP-global loads for LASER).
+        compare: also run vanilla top-k first, on the same prompts.
+        ep: expert-parallel size (None: the world size).
+        dispatcher: the framework's token dispatcher ("alltoall", "allgather" for Megatron).
+        batch: prompts per rank; prompt_len: prompt tokens; gen_len: tokens generated per
+            prompt; uneven: prompt lengths differ in (prompt_len / 2, prompt_len].
+        warmup: unmeasured generations before the measured one.
+        seed: prompt seed.
+        eval_seqs: held-out sequences per domain and rank for quality (0 = none); eval_len:
+            tokens per held-out sequence.
+        timeout: collective timeout (s).
+        out: JSON path (None: results/infer[_<framework>]_<router>_ep<N>.json).
+        nvtx: emit NVTX ranges.
+    """
+
+    model: Optional[str] = None
+    checkpoint: Optional[str] = None
+    skew: Optional[str] = None
+    framework: str = "megatron"
+    router: str = "expanded_drop"
+    router_args: dict[str, Any] = field(default_factory=dict)
+    router_args_file: Optional[str] = None
+    load_scope: str = "local"
+    compare: bool = False
+    ep: Optional[int] = None
+    dispatcher: str = "alltoall"
+    batch: int = 8
+    prompt_len: int = 64
+    gen_len: int = 16
+    uneven: bool = False
+    warmup: int = 1
+    seed: int = 0
+    eval_seqs: int = 8
+    eval_len: int = 128
+    timeout: float = 120.0
+    out: Optional[str] = None
+    nvtx: bool = True
+
+
+_INT_FIELDS = ("batch", "prompt_len", "gen_len", "warmup", "seed", "eval_seqs", "eval_len")
+_BOOL_FIELDS = ("compare", "uneven", "nvtx")
+_STR_FIELDS = ("framework", "router", "load_scope", "dispatcher")
+_OPTIONAL_STR_FIELDS = ("model", "checkpoint", "skew", "router_args_file", "out")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_types(cfg: RunConfig) -> None:
+    """ConfigError unless every field has its type (booleans are not numbers)."""
+    for name in _INT_FIELDS:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{_flag(name)} must be an integer, got {value!r}")
+    if cfg.ep is not None and (not isinstance(cfg.ep, int) or isinstance(cfg.ep, bool)):
+        raise ConfigError(f"--ep must be an integer, got {cfg.ep!r}")
+    for name in _BOOL_FIELDS:
+        if not isinstance(getattr(cfg, name), bool):
+            raise ConfigError(f"{name} must be true or false, got {getattr(cfg, name)!r}")
+    for name in _STR_FIELDS:
+        if not isinstance(getattr(cfg, name), str):
+            raise ConfigError(f"{_flag(name)} must be a string, got {getattr(cfg, name)!r}")
+    for name in _OPTIONAL_STR_FIELDS:
+        value = getattr(cfg, name)
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{_flag(name)} must be a string or null, got {value!r}")
+    if not isinstance(cfg.timeout, (int, float)) or isinstance(cfg.timeout, bool):
+        raise ConfigError(f"--timeout must be a number of seconds > 0, got {cfg.timeout!r}")
+    if not isinstance(cfg.router_args, dict):
+        raise ConfigError(f"router_args must be a mapping of parameters, got {cfg.router_args!r}")
+
+
+def run_config_presets() -> dict[str, Path]:
+    """{name: path} of the run files shipped in ``moebalance/configs/runs``."""
+    return {p.stem: p for p in sorted(RUN_CONFIG_DIR.glob("*.yaml"))}
+
+
+def _read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{what} {path}: invalid YAML ({err})".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path}: expected a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_run_config(name_or_path: str | Path) -> RunConfig:
+    """A RunConfig from a run file: a preset name in ``moebalance/configs/runs`` or a YAML path."""
+    presets = run_config_presets()
+    path = presets.get(str(name_or_path), Path(name_or_path))
+    if not path.is_file():
+        raise ConfigError(
+            f"--run {str(name_or_path)!r} not found (a YAML file, or one of the presets "
+            f"{sorted(presets)})"
+        )
+    data = _read_yaml_mapping(path, "run file")
+    known = {f.name for f in fields(RunConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"run file {path}: unknown field(s) {unknown}; allowed: {sorted(known)}")
+    return RunConfig(**data)
+
+
+def apply_overrides(cfg: RunConfig, items: list[str]) -> RunConfig:
+    """``cfg`` with ``--set`` overrides ["field=value", "router_args.name=value", ...] applied
+    (values read as YAML scalars, ``moebalance.config.parse_key_values``)."""
+    known = {f.name for f in fields(RunConfig)}
+    changes: dict[str, Any] = {}
+    router_args = dict(cfg.router_args)
+    for key, value in parse_key_values(items, "--set").items():
+        head, _, rest = key.partition(".")
+        if head == "router_args" and rest:
+            router_args[rest] = value
+        elif head in known and not rest:
+            changes[head] = value
+        else:
+            raise ConfigError(
+                f"--set: unknown field {key!r}; allowed: {sorted(known)} or router_args.<name>"
+            )
+    if "router_args" in changes and not isinstance(changes["router_args"], dict):
+        raise ConfigError(f"--set router_args must be a mapping, got {changes['router_args']!r}")
+    merged = {**router_args, **changes.pop("router_args", {})}
+    return dataclasses.replace(cfg, router_args=merged, **changes)
+
+
+@dataclass(frozen=True)
+class Run:
+    """A validated run: the config and what it resolves to.
+
+    Attributes:
+        config: the RunConfig (with ``model``/``checkpoint`` filled in for the default model).
+        model: the ModelConfig served.
+        params: the router's parameter dataclass.
+        routers: the routers to run, in order (vanilla first under ``compare``).
+        world_size, ep: processes and the EP size.
+        out: the JSON path.
+    """
+
+    config: RunConfig
+    model: ModelConfig
+    params: Any
+    routers: tuple[str, ...]
+    world_size: int
+    ep: int
+    out: Path
+
+    def params_of(self, router: str) -> Any:
+        """The parameters of ``router`` in this run (None for vanilla under ``compare``)."""
+        return self.params if router == self.config.router else None
+
+    def load_scope_of(self, router: str) -> str:
+        return self.config.load_scope if router == self.config.router else "local"
+
+
+def _model(cfg: RunConfig) -> tuple[RunConfig, ModelConfig]:
+    """The model config and the checkpoint it is served from (see ``RunConfig.model``)."""
+    model_name, checkpoint = cfg.model, cfg.checkpoint
+    if model_name is None and checkpoint is None and cfg.skew is None:
+        default_checkpoint, default_config = trained_checkpoint()
+        checkpoint, model_name = str(default_checkpoint), str(default_config)
+    elif model_name is None:
+        beside = Path(checkpoint).parent / "config.yaml" if checkpoint else None
+        model_name = str(beside) if beside is not None and beside.is_file() else "tiny"
+    model = load_model_config(model_name)
+    if cfg.skew is not None:
+        if cfg.skew not in SKEWS:
+            raise ConfigError(f"--skew must be one of {SKEWS}, got {cfg.skew!r}")
+        model = model.replace(skew=cfg.skew)
+    if checkpoint is not None:
+        if model.skew != "none":
+            model = model.replace(skew="none")  # a trained model routes as it was trained
+        check_checkpoint_file(checkpoint, model)
+    return dataclasses.replace(cfg, model=model_name, checkpoint=checkpoint), model
+
+
+def _router_params(cfg: RunConfig, model: ModelConfig) -> Any:
+    args = {}
+    if cfg.router_args_file is not None:
+        args = _read_yaml_mapping(Path(cfg.router_args_file), "--router-args-file")
+    params = make_params(cfg.router, {**args, **cfg.router_args})
+    gate = model.gate_config()
+    try:  # the router's parameters against this model's gate (e.g. pool_size within [k, E])
+        layers = getattr(params, "per_layer", {}) or {}
+        for layer in (None, *layers):
+            (params.for_layer(layer) if layer is not None else params).validate(gate)
+    except ConfigError as err:
+        raise ConfigError(f"--router-args: {err}") from None
+    return params
+
+
+def resolve(
+    cfg: RunConfig,
+    *,
+    world_size: int,
+    dispatchers: Optional[tuple[str, ...]] = None,
+    local_world_size: int = 1,
+    cuda_devices: int = 0,
+) -> Run:
+    """Validate ``cfg`` for a job of ``world_size`` processes (``local_world_size`` per node,
+    ``cuda_devices`` GPUs per node, 0 on CPU) whose framework offers ``dispatchers`` (None:
+    ask the framework's adapter, ``get_framework``, which imports no framework). Raises
+    ConfigError with one line naming the option; starts nothing."""
+    _check_types(cfg)
+    if cfg.router not in POLICIES:
+        raise ConfigError(f"unknown router {cfg.router!r}; choose one of {sorted(POLICIES)}")
+    if cfg.framework not in FRAMEWORKS:
+        raise ConfigError(f"--framework must be one of {FRAMEWORKS}, got {cfg.framework!r}")
+    if cfg.compare and cfg.router == VANILLA:
+        raise ConfigError(f"--compare runs {VANILLA} beside another router; pick one with --router")
+    if dispatchers is None:
+        from .framework import get_framework
+
+        dispatchers = get_framework(cfg.framework).dispatchers
+    if cfg.dispatcher not in dispatchers:
+        raise ConfigError(
+            f"--dispatcher must be one of {dispatchers} for --framework {cfg.framework}, "
+            f"got {cfg.dispatcher!r}"
+        )
+    for name in ("batch", "prompt_len", "gen_len", "eval_len"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{_flag(name)} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("warmup", "eval_seqs"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{_flag(name)} must be >= 0, got {getattr(cfg, name)}")
+    if not (math.isfinite(cfg.timeout) and cfg.timeout > 0):
+        raise ConfigError(f"--timeout must be a number of seconds > 0, got {cfg.timeout}")
+    cfg, model = _model(cfg)
+    params = _router_params(cfg, model)
+    check_load_scope(cfg.load_scope, cfg.router)
+    if cfg.eval_seqs and cfg.eval_len > model.max_sequence_length:
+        raise ConfigError(
+            f"--eval-len exceeds the model's max_sequence_length {model.max_sequence_length}"
+        )
+    if cfg.prompt_len + cfg.gen_len > model.max_sequence_length:
+        raise ConfigError(
+            f"--prompt-len + --gen-len = {cfg.prompt_len + cfg.gen_len} exceeds the model's "
+            f"max_sequence_length {model.max_sequence_length}"
+        )
+    ep = world_size if cfg.ep is None else cfg.ep
+    if ep < 1 or world_size % ep:
+        raise ConfigError(f"--ep {ep} must be >= 1 and divide the world size {world_size}")
+    if model.num_experts % ep:
+        raise ConfigError(f"--ep {ep} must divide the model's num_experts {model.num_experts}")
+    if cuda_devices and local_world_size > cuda_devices:
+        raise ConfigError(
+            f"{local_world_size} ranks per node but {cuda_devices} GPU(s): NCCL needs one GPU "
+            "per rank"
+        )
+    if cfg.out is not None:
+        out = Path(cfg.out)
+    else:
+        prefix = "infer_" if cfg.framework == "megatron" else f"infer_{cfg.framework}_"
+        out = Path("results") / f"{prefix}{cfg.router}_ep{ep}.json"
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a directory; give a file path")
+    routers = (VANILLA, cfg.router) if cfg.compare else (cfg.router,)
+    return Run(cfg, model, params, routers, world_size, ep, out.resolve())

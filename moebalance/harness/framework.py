@@ -1,0 +1,83 @@
+"""The one interface a framework adapter gives the harness.
+
+``megatron_patch.harness.FRAMEWORK`` and ``deepspeed_patch.harness.FRAMEWORK`` implement
+``Framework``; ``get_framework(name)`` imports the adapter's harness module, which must not
+import the framework itself at module level, so that options are validated (``dispatchers``)
+in milliseconds, before the framework's import and before any process group.
+
+The model an adapter builds is called as ``model(ids [B, S], positions [B, S], mask [B, 1, Sq,
+Sk] bool (True = masked), inference_context=None, padding_mask=None [B, S] bool (True = pad))
+-> logits [B, S, V]``; padding tokens are routed to no expert.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Optional, Protocol, runtime_checkable
+
+import torch
+
+from ..config import ConfigError
+from ..model_config import ModelConfig
+from ..parallel import ParallelSetup
+from ..telemetry import Instrumentation, MoERecorder
+
+__all__ = ["Framework", "ADAPTERS", "get_framework"]
+
+#: framework name -> the adapter module that holds its ``FRAMEWORK`` object
+ADAPTERS = {"megatron": "megatron_patch.harness", "deepspeed": "deepspeed_patch.harness"}
+
+
+@runtime_checkable
+class Framework(Protocol):
+    """What the harness needs from a framework."""
+
+    name: str
+    dispatchers: tuple[str, ...]  # token dispatchers the framework offers, default first
+
+    def init_distributed(self, ep_size: int, timeout_s: float) -> ParallelSetup:
+        """Start the process groups from the torchrun environment (a plain ``python`` run is
+        world 1) with every collective timing out after ``timeout_s``."""
+
+    def build_model(
+        self,
+        cfg: ModelConfig,
+        setup: ParallelSetup,
+        *,
+        router: str,
+        router_params: Any,
+        load_scope: str,
+        dispatcher: str,
+        checkpoint: Optional[str],
+    ) -> torch.nn.Module:
+        """The GPT-MoE of ``cfg`` in eval mode on ``setup.device``, ``router`` in every MoE
+        layer; weights from ``checkpoint`` or the deterministic initialisation. Collective."""
+
+    def swap_router(self, model: torch.nn.Module, router: str, params: Any, load_scope: str) -> int:
+        """Put ``router`` into every MoE layer of the built model (gate weights unchanged)."""
+
+    def set_decode(self, model: torch.nn.Module, decode: bool) -> int:
+        """Tell every router whether the next calls are single-token decode steps."""
+
+    def inference_context(self, max_batch: int, max_sequence_length: int) -> Any:
+        """A static KV cache with ``sequence_len_offset`` and ``enable_decode_mode()``."""
+
+    def instrument(self, model: torch.nn.Module, recorder: MoERecorder) -> Instrumentation:
+        """Record every MoE layer's phases and loads into ``recorder``."""
+
+    def destroy_distributed(self) -> None:
+        """Tear down the process groups (after a barrier)."""
+
+
+def get_framework(name: str) -> Framework:
+    """The adapter of framework ``name`` ("megatron" or "deepspeed")."""
+    if name not in ADAPTERS:
+        raise ConfigError(f"--framework must be one of {tuple(ADAPTERS)}, got {name!r}")
+    try:
+        module = importlib.import_module(ADAPTERS[name])
+    except ImportError as err:
+        raise ConfigError(
+            f"--framework {name} needs its adapter's dependencies ({err}); install "
+            f"moebalance[{name}]"
+        ) from None
+    return module.FRAMEWORK

@@ -1,0 +1,66 @@
+"""The installed package carries what the harness needs without a source checkout: model, run
+and grid presets, the trained default checkpoint and the workload profiles (package data), and
+the wheel's packages import without the test tree."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(out), str(ROOT)],
+        check=True, capture_output=True, text=True, timeout=300,
+    )
+    (path,) = out.glob("moebalance-*.whl")
+    return path
+
+
+def test_wheel_ships_presets_checkpoint_and_profiles(wheel):
+    from moebalance.harness.config import run_config_presets
+    from moebalance.model_config import model_config_presets, trained_checkpoint
+
+    names = set(zipfile.ZipFile(wheel).namelist())
+    wanted = [
+        *(p.relative_to(ROOT) for p in model_config_presets().values()),
+        *(p.relative_to(ROOT) for p in run_config_presets().values()),
+        *(p.relative_to(ROOT) for p in trained_checkpoint()),
+        Path("moebalance/configs/grids/quality.yaml"),
+        Path("moebalance/workload_profiles.json"),
+    ]
+    assert len(wanted) > 8
+    missing = [str(p) for p in wanted if str(p) not in names]
+    assert not missing, missing
+    for package in ("moebalance/harness/__init__.py", "megatron_patch/harness.py",
+                    "deepspeed_patch/harness.py", "moebalance/policies/laser_routing/__init__.py"):
+        assert package in names
+
+
+def test_installed_wheel_finds_its_presets_outside_the_checkout(wheel, tmp_path):
+    """Unpacked in a folder of its own (what an install puts on sys.path), run from elsewhere."""
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    code = (
+        "import moebalance, moebalance.model_config as m, moebalance.harness.config as h;"
+        "from moebalance.workloads import get_preset;"
+        f"assert moebalance.__file__.startswith({str(site)!r}), moebalance.__file__;"
+        "assert {'tiny', 'tiny-wide'} <= set(m.model_config_presets());"
+        "assert 'demo' in h.run_config_presets();"
+        "ckpt, cfg = m.trained_checkpoint(); assert ckpt.is_file() and cfg.is_file();"
+        "m.load_model_config('tiny'); get_preset('olmoe'); print('ok')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(site)},
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
