@@ -17,9 +17,10 @@ $(STAMP): requirements.txt constraints.txt
 	@bash scripts/make_env.sh "$(VENV)" "$(PYTHON_VERSION)"
 	@touch $@
 
-# The main job: expert-parallel inference (torchrun, gloo on CPU / NCCL on GPU), vanilla vs ROUTER.
+# The main job (run file moebalance/configs/runs/demo.yaml): expert-parallel inference (torchrun,
+# gloo on CPU / NCCL on GPU), vanilla top-k then ROUTER on the trained tiny-moe.
 demo: env
-	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) scripts/infer.py --router $(ROUTER) --compare
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) scripts/infer.py --run-config demo --router $(ROUTER)
 
 # Router benchmark on calibrated synthetic workloads -> results/routers_cpu.{json,md}
 bench: env

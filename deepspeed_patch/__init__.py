@@ -26,8 +26,7 @@ DeepSpeed.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from moebalance.lazy import lazy_exports
 
 # public name -> the module that defines it (relative to this package, or absolute)
 _EXPORTS = {
@@ -50,14 +49,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -34,14 +34,14 @@ from deepspeed.moe.sharded_moe import TOPK_GATE_TIMER, TopKGate
 
 from moebalance.config import ConfigError, GateConfig, RoutingContext
 from moebalance.routing import Routing
-from moebalance.runner import LOAD_SCOPES, RouterRunner
+from moebalance.runner import LOAD_SCOPES, RouterRunner, RunnerState
 
 from .encoding import gate_output
 
 __all__ = ["LOAD_SCOPES", "BalancedGate"]
 
 
-class BalancedGate(TopKGate):
+class BalancedGate(RunnerState, TopKGate):
     """A TopKGate that routes with a moebalance policy (see the module docstring).
 
     Args:
@@ -132,16 +132,6 @@ class BalancedGate(TopKGate):
         new.train(old.training)
         return new
 
-    # -- the runner's state, as attributes of the gate ---------------------------------------
-
-    @property
-    def policy(self):
-        return self.runner.policy
-
-    @property
-    def params(self) -> Any:
-        return self.runner.params
-
     @property
     def gate_config(self) -> GateConfig:
         return self.runner.gate
@@ -149,30 +139,6 @@ class BalancedGate(TopKGate):
     @property
     def load_scope(self) -> str:
         return self.runner.load_scope
-
-    @property
-    def decode(self) -> bool:
-        return self.runner.decode
-
-    @decode.setter
-    def decode(self, value: bool) -> None:
-        self.runner.decode = bool(value)
-
-    @property
-    def seed(self) -> int:
-        return self.runner.seed
-
-    @seed.setter
-    def seed(self, value: int) -> None:
-        self.runner.seed = value
-
-    @property
-    def last_routing(self) -> Optional[Routing]:
-        return self.runner.last_routing
-
-    @last_routing.setter
-    def last_routing(self, value: Optional[Routing]) -> None:
-        self.runner.last_routing = value
 
     # -- EP geometry -----------------------------------------------------------------------
 

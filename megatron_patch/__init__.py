@@ -22,8 +22,7 @@ The names below are imported on first use, so importing this package (or
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from moebalance.lazy import lazy_exports
 
 # public name -> the module that defines it (relative to this package, or absolute)
 _EXPORTS = {
@@ -45,14 +44,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -65,7 +65,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from moebalance.config import ConfigError, GateConfig, RoutingContext
 from moebalance.policies import get_policy
 from moebalance.routing import Routing
-from moebalance.runner import LOAD_SCOPES, RouterRunner, check_load_scope, resolve_params
+from moebalance.runner import LOAD_SCOPES, RouterRunner, RunnerState, check_load_scope, resolve_params
 
 __all__ = [
     "LOAD_SCOPES",
@@ -122,7 +122,7 @@ def prepare_config(config: TransformerConfig, router: str | type) -> Transformer
     return dataclasses.replace(config, moe_expert_capacity_factor=float(config.num_moe_experts))
 
 
-class BalancedRouter(TopKRouter):
+class BalancedRouter(RunnerState, TopKRouter):
     """A TopKRouter whose ``routing()`` runs a moebalance policy (see the module docstring).
     Build subclasses with ``make_router_class``.
 
@@ -186,42 +186,9 @@ class BalancedRouter(TopKRouter):
         if bad:
             raise ConfigError(f"BalancedRouter does not support {', '.join(bad)}")
 
-    # The runner's state, as attributes of the router.
-    @property
-    def policy(self):
-        return self.runner.policy
-
-    @property
-    def params(self) -> Any:
-        return self.runner.params
-
     @property
     def gate(self) -> GateConfig:
         return self.runner.gate
-
-    @property
-    def decode(self) -> bool:
-        return self.runner.decode
-
-    @decode.setter
-    def decode(self, value: bool) -> None:
-        self.runner.decode = bool(value)
-
-    @property
-    def seed(self) -> int:
-        return self.runner.seed
-
-    @seed.setter
-    def seed(self, value: int) -> None:
-        self.runner.seed = value
-
-    @property
-    def last_routing(self) -> Optional[Routing]:
-        return self.runner.last_routing
-
-    @last_routing.setter
-    def last_routing(self, value: Optional[Routing]) -> None:
-        self.runner.last_routing = value
 
     def _context(self) -> RoutingContext:
         # Megatron's score function ignores expert_bias for softmax gates; so do we.

@@ -28,6 +28,8 @@ __all__ = [
     "RoutingContext",
     "check_logits",
     "from_dict",
+    "parse_key_values",
+    "read_yaml_mapping",
 ]
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid", "sqrtsoftplus")
@@ -478,6 +480,25 @@ def check_logits(logits: torch.Tensor, gate: GateConfig, *, check_finite: bool =
     )
     if check_finite and logits.numel():
         _require(bool(torch.isfinite(logits).all()), "logits contain NaN or Inf")
+
+
+def read_yaml_mapping(path: Any, what: str) -> dict[str, Any]:
+    """The mapping a YAML file holds (an empty file is {}). ConfigError naming ``what`` (e.g.
+    "model config", "--grid") for a missing, unreadable or invalid file or a non-mapping."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} {path}: invalid YAML ({err})".replace("\n", " ")) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{what} {path}: unreadable ({err})".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path}: expected a mapping, got {type(data).__name__}")
+    return data
 
 
 def parse_key_values(items: list[str], option: str) -> dict[str, Any]:

@@ -12,9 +12,16 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
 
-from .config import SCORE_FUNCTIONS, ConfigError, GateConfig, _is_int, _is_number, _require_choice
+from .config import (
+    SCORE_FUNCTIONS,
+    ConfigError,
+    GateConfig,
+    _is_int,
+    _is_number,
+    _require_choice,
+    read_yaml_mapping,
+)
 from .workloads import PRESETS
 
 __all__ = [
@@ -229,14 +236,7 @@ def load_model_config(path_or_name: str | Path) -> ModelConfig:
             f"model config {str(path_or_name)!r} not found (a YAML file, or one of the presets "
             f"{sorted(presets)})"
         )
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"model config {path}: invalid YAML ({err})".replace("\n", " ")) from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"model config {path}: unreadable ({err})".replace("\n", " ")) from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"model config {path}: expected a mapping, got {type(data).__name__}")
+    data = read_yaml_mapping(path, "model config")
     known = {f.name for f in fields(ModelConfig)}
     unknown = sorted(set(data) - known, key=str)
     if unknown:

@@ -27,6 +27,7 @@ from .routing import Routing
 __all__ = [
     "LOAD_SCOPES",
     "RouterRunner",
+    "RunnerState",
     "check_load_scope",
     "other_ranks_load",
     "resolve_params",
@@ -193,3 +194,43 @@ class RouterRunner:
             f"RouterRunner(policy={self.policy.name!r}, load_scope={self.load_scope!r}, "
             f"params={self.params!r})"
         )
+
+
+class RunnerState:
+    """Mixin for a framework's router module that holds a ``RouterRunner`` as ``self.runner``:
+    the runner's policy, parameters, decode flag, seed and last decision as attributes of the
+    module, which is where the harness and users look for them."""
+
+    runner: RouterRunner
+
+    @property
+    def policy(self):
+        return self.runner.policy
+
+    @property
+    def params(self) -> Any:
+        return self.runner.params
+
+    @property
+    def decode(self) -> bool:
+        return self.runner.decode
+
+    @decode.setter
+    def decode(self, value: bool) -> None:
+        self.runner.decode = bool(value)
+
+    @property
+    def seed(self) -> int:
+        return self.runner.seed
+
+    @seed.setter
+    def seed(self, value: int) -> None:
+        self.runner.seed = value
+
+    @property
+    def last_routing(self) -> Optional[Routing]:
+        return self.runner.last_routing
+
+    @last_routing.setter
+    def last_routing(self, value: Optional[Routing]) -> None:
+        self.runner.last_routing = value

@@ -16,7 +16,7 @@ Per router: perplexity and its change against the first row (vanilla top-k), ove
 domain, next-token accuracy, dropped fraction (of token-expert assignments), MV (max / mean - 1
 of the EP-global expert loads) and straggler time (max - mean over ranks of expert compute
 time, ms) as p50 / mean over the (forward call, layer) samples
-(``moebalance.telemetry.summarize``). Rank 0 writes ``--out`` (JSON) and a markdown table beside
+(``moebalance.telemetry_stats.summarize``). Rank 0 writes ``--out`` (JSON) and a markdown table beside
 it (.md), atomically. On a 2-core box 4 ranks share 2 cores, so straggler times are indicative
 only; the routing figures are exact.
 """
@@ -33,12 +33,11 @@ import warnings
 from pathlib import Path
 
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from moebalance.config import ConfigError  # noqa: E402
+from moebalance.config import ConfigError, read_yaml_mapping  # noqa: E402
 from moebalance.harness.config import FRAMEWORKS  # noqa: E402
 from moebalance.model_config import load_model_config, trained_checkpoint  # noqa: E402
 from moebalance.policies import make_params  # noqa: E402
@@ -50,14 +49,8 @@ DEFAULT_GRID = ROOT / "moebalance" / "configs" / "grids" / "quality.yaml"
 def load_grid(path: str | Path) -> list[tuple[str, str, object]]:
     """[(label, router, params dataclass)] from a grid file (``routers``: a list of mappings
     with ``label``, ``router`` and optional ``args``). ConfigError on anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--grid {str(path)!r} not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--grid {path}: invalid YAML ({err})".replace("\n", " ")) from None
-    rows = data.get("routers") if isinstance(data, dict) else None
+    data = read_yaml_mapping(path, "--grid")
+    rows = data.get("routers")
     if not isinstance(rows, list) or not rows:
         raise ConfigError(f"--grid {path}: expected a non-empty list under 'routers'")
     grid = []
@@ -83,9 +76,10 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Options, validated before anything starts (exit 2 with one line on bad input)."""
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--ep", "--nproc", dest="ep", type=int, default=4,
-                   help="ranks = EP size (default: %(default)s)")
+    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    # (not --nproc: torchrun, which this script relaunches under, reads that as its own
+    # --nproc-per-node)
+    p.add_argument("--ep", type=int, default=4, help="ranks = EP size (default: %(default)s)")
     p.add_argument("--seqs", type=int, default=16, help="sequences per domain and rank (%(default)s)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (%(default)s)")
     p.add_argument("--chunk", type=int, default=8, help="sequences per forward (%(default)s)")
@@ -129,7 +123,8 @@ def worker(args: argparse.Namespace) -> int:
     from moebalance.corpus import default_corpus, heldout_sequences
     from moebalance.harness import get_framework
     from moebalance.harness.quality import heldout_quality
-    from moebalance.telemetry import MoERecorder, gather_to_rank0, summarize
+    from moebalance.telemetry import MoERecorder, gather_to_rank0
+    from moebalance.telemetry_stats import summarize
 
     for pattern in (r"Transformer Engine", r"Apex", r"absl", r"full scope", r"`torch\.distributed"):
         warnings.filterwarnings("ignore", message=pattern)
@@ -180,7 +175,7 @@ def worker(args: argparse.Namespace) -> int:
 
 
 def write_outputs(args, results, wall_s, world) -> None:
-    from moebalance.harness.report import write_json
+    from moebalance.harness.report import cpu_name, git_commit, utc_now, write_json
 
     cfg = args.model
     base = results[0]["quality"]
@@ -204,6 +199,9 @@ def write_outputs(args, results, wall_s, world) -> None:
         "wall_s": wall_s,
         "torch": torch.__version__,
         "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_name(),
+        "time": utc_now(),
+        "git_commit": git_commit(),
         "results": results,
     }
     write_json(out, report)

@@ -65,6 +65,7 @@ if str(ROOT / "tests") not in sys.path:
 from laser_reference import laser_reference  # noqa: E402
 from moebalance import metrics  # noqa: E402
 from moebalance.config import ConfigError, RoutingContext, parse_key_values  # noqa: E402
+from moebalance.harness.report import cpu_name  # noqa: E402
 from moebalance.policies import POLICIES, get_policy, route  # noqa: E402
 from moebalance.policies.gate import gate_weights, score_distribution  # noqa: E402
 from moebalance.policies.topk_routing import topk_indices  # noqa: E402
@@ -171,14 +172,6 @@ def _load_average() -> list[float] | None:
 
 def environment() -> dict:
     """Where the numbers were measured."""
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     try:
         commit, dirty = _git("rev-parse", "HEAD"), bool(_git("status", "--porcelain"))
     except (OSError, subprocess.CalledProcessError):
@@ -189,7 +182,7 @@ def environment() -> dict:
         "torch_interop_threads": torch.get_num_interop_threads(),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu_model": cpu,
+        "cpu_model": cpu_name(),
         "cpu_count": os.cpu_count(),
         "load_average_at_start": _load_average(),  # other jobs on the machine skew timings
         "git_commit": commit,

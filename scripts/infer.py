@@ -5,7 +5,7 @@ latency and held-out quality, with Megatron-Core or DeepSpeed.
     torchrun --nproc-per-node 2 scripts/infer.py --router laser --compare
     torchrun --nproc-per-node 4 scripts/infer.py --router token_drop --uneven --dispatcher allgather
     torchrun --nproc-per-node 2 scripts/infer.py --framework deepspeed --router laser --compare
-    torchrun --nproc-per-node 2 scripts/infer.py --run demo --set router_args.capacity_factor=1.25
+    torchrun --nproc-per-node 2 scripts/infer.py --run-config demo --set router_args.capacity_factor=1.25
 
 Each rank serves its own batch of prompts while the experts of every MoE layer are spread over
 the EP group; all ranks stay in lockstep (same padded shapes, same step count). One generation

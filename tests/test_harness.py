@@ -39,7 +39,7 @@ def test_every_shipped_run_file_resolves():
 
 
 def test_demo_run_file_is_the_demo_job(monkeypatch):
-    run = _run(["--run", "demo"], monkeypatch, world=2)
+    run = _run(["--run-config", "demo"], monkeypatch, world=2)
     assert run.routers == ("topk", "expanded_drop") and run.config.batch == 8
     checkpoint, config = trained_checkpoint()
     assert run.config.checkpoint == str(checkpoint) and run.model == load_model_config(config)
@@ -47,7 +47,7 @@ def test_demo_run_file_is_the_demo_job(monkeypatch):
 
 def test_flags_override_the_run_file_and_set_overrides_flags(monkeypatch):
     run = _run(
-        ["--run", "demo", "--batch", "3", "--router", "token_drop",
+        ["--run-config", "demo", "--batch", "3", "--router", "token_drop",
          "--router-args", "capacity_factor=1.2", "--set", "batch=5", "router_args.drop_policy=order"],
         monkeypatch,
     )
@@ -95,8 +95,24 @@ def test_bad_run_files_are_config_errors(tmp_path):
         bad.write_text(text)
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_run_config(bad)
-    with pytest.raises(ConfigError, match="--run 'nope' not found"):
+    with pytest.raises(ConfigError, match="--run-config 'nope' not found"):
         load_run_config("nope")
+
+
+def test_no_option_is_taken_by_torchrun():
+    """torchrun parses the script's arguments too and takes any option that is a prefix of
+    one of its own (``--run`` matched its ``--run-path``): none of ours may be."""
+    from torch.distributed.run import get_args_parser
+
+    theirs = [o for a in get_args_parser()._actions for o in a.option_strings]
+    ours = [o for a in build_parser("infer.py", "")._actions for o in a.option_strings]
+    bench = _bench_quality()
+    ours += ["--ep", "--seqs", "--seq-len", "--chunk", "--checkpoint", "--grid", "--framework",
+             "--out"]
+    assert {"--run-config", "--set", "--router"} <= set(ours)
+    clashes = [(o, t) for o in ours for t in theirs if t.startswith(o) and o not in ("-h", "--help")]
+    assert not clashes, clashes
+    assert bench.parse_args(["--ep", "2"]).ep == 2
 
 
 # ----------------------------------------------------------------------------- report

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from moebalance import telemetry
+from moebalance import telemetry, telemetry_stats
 from moebalance.model_config import load_model_config, model_config_presets, trained_checkpoint
 from moebalance.policies import POLICIES
 
@@ -66,7 +66,11 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def uneven(tmp_path_factory):
     out = tmp_path_factory.mktemp("infer") / "uneven.json"
-    done = _torchrun(*_options(UNEVEN), "--compare", "--uneven", "--warmup", "1", "--out", str(out))
+    # the demo's run file through torchrun, flags and --set on top of it
+    done = _torchrun(
+        "--run-config", "demo", *_options(UNEVEN), "--uneven", "--set", "warmup=1",
+        "--out", str(out),
+    )
     return json.loads(out.read_text()), done.stdout
 
 
@@ -133,9 +137,9 @@ def _check_summary(run: dict) -> None:
         assert 0 <= s["max_violation"]["p50"] <= s["max_violation"]["p95"]
         assert 0 <= s["dropped_fraction"] <= 1
     # the summary's straggler is max - mean of the records' expert times
-    samples = telemetry.join_ranks(run["records"])
+    samples = telemetry_stats.join_ranks(run["records"])
     stragglers = [max(t) - sum(t) / len(t) for t in (s["experts_ms"] for s in samples)]
-    want = telemetry.percentile(stragglers, 50)
+    want = telemetry_stats.percentile(stragglers, 50)
     assert run["summary"]["all"]["straggler_ms"]["p50"] == pytest.approx(want, rel=1e-4, abs=1e-6)
     e2e = run["end_to_end"]
     assert e2e["prefill_ms"] > 0 and e2e["decode_ms_per_token"] > 0

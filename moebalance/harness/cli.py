@@ -1,9 +1,10 @@
 """The command line of ``scripts/infer.py``: flags onto ``RunConfig`` fields.
 
 Every flag is optional and names one field (``--prompt-len`` -> ``prompt_len``; ``--config`` and
-``--model`` -> ``model``; ``--no-nvtx`` -> ``nvtx: false``); ``--run NAME|FILE`` starts from a run
+``--model`` -> ``model``; ``--no-nvtx`` -> ``nvtx: false``); ``--run-config NAME|FILE`` starts from a run
 file, ``--set field=value`` overrides any field last, ``--router-args key=value ...`` adds router
-parameters.
+parameters. No option is a prefix of a torchrun option: torchrun's parser would take it
+(``--run`` would match its ``--run-path``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import dataclasses
 import os
 from typing import Any, Optional
 
-from ..config import ConfigError, parse_key_values
+from ..config import parse_key_values
 from ..model_config import SKEWS, model_config_presets
 from ..policies import POLICIES
 from .config import (
@@ -38,11 +39,12 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
+        allow_abbrev=False,  # only the documented names (torchrun takes abbreviations of its own)
         epilog=f"routers:\n{routers}\n\nmodel presets: {', '.join(model_config_presets())}\n"
-        f"run presets (--run): {', '.join(run_config_presets())}\nskews: {', '.join(SKEWS)}",
+        f"run presets (--run-config): {', '.join(run_config_presets())}\nskews: {', '.join(SKEWS)}",
     )
     add = parser.add_argument
-    add("--run", help="run file: a preset name or a YAML path (fields as RunConfig)")
+    add("--run-config", help="run file: a preset name or a YAML path (fields as RunConfig)")
     add("--set", nargs="+", action="extend", metavar="FIELD=VALUE",
         help="override any run field last, e.g. --set batch=4 router_args.pool_size=3")
     add("--router", help="routing policy (default: expanded_drop)")
@@ -75,7 +77,7 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 def _config_from(namespace: argparse.Namespace) -> RunConfig:
     given: dict[str, Any] = vars(namespace)
-    cfg = load_run_config(given.pop("run")) if "run" in given else RunConfig()
+    cfg = load_run_config(given.pop("run_config")) if "run_config" in given else RunConfig()
     overrides = given.pop("set", [])
     router_args = parse_key_values(given.pop("router_args", []), "--router-args")
     cfg = dataclasses.replace(cfg, router_args={**cfg.router_args, **router_args}, **given)

@@ -1,7 +1,7 @@
 """The run configuration of ``scripts/infer.py``: one dataclass, ``RunConfig``, whose fields map
 one-to-one onto the keys of a run file (``moebalance/configs/runs/*.yaml``) and onto the command-line flags.
 
-Precedence, lowest first: the dataclass defaults, the run file (``--run NAME|FILE``), the flags
+Precedence, lowest first: the dataclass defaults, the run file (``--run-config NAME|FILE``), the flags
 given on the command line, then ``--set field=value`` overrides (``--set router_args.pool_size=3``
 reaches a router parameter). ``resolve`` validates the whole run at once, before any process
 group starts, and returns a ``Run``: the config plus what it resolves to (model config, router
@@ -17,9 +17,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
 
-from ..config import ConfigError, parse_key_values
+from ..config import ConfigError, parse_key_values, read_yaml_mapping
 from ..model_config import SKEWS, ModelConfig, load_model_config, trained_checkpoint
 from ..policies import POLICIES, make_params
 from ..runner import check_load_scope
@@ -136,28 +135,16 @@ def run_config_presets() -> dict[str, Path]:
     return {p.stem: p for p in sorted(RUN_CONFIG_DIR.glob("*.yaml"))}
 
 
-def _read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"{what} {str(path)!r} not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{what} {path}: invalid YAML ({err})".replace("\n", " ")) from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{what} {path}: expected a mapping, got {type(data).__name__}")
-    return data
-
-
 def load_run_config(name_or_path: str | Path) -> RunConfig:
     """A RunConfig from a run file: a preset name in ``moebalance/configs/runs`` or a YAML path."""
     presets = run_config_presets()
     path = presets.get(str(name_or_path), Path(name_or_path))
     if not path.is_file():
         raise ConfigError(
-            f"--run {str(name_or_path)!r} not found (a YAML file, or one of the presets "
+            f"--run-config {str(name_or_path)!r} not found (a YAML file, or one of the presets "
             f"{sorted(presets)})"
         )
-    data = _read_yaml_mapping(path, "run file")
+    data = read_yaml_mapping(path, "run file")
     known = {f.name for f in fields(RunConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -240,7 +227,7 @@ def _model(cfg: RunConfig) -> tuple[RunConfig, ModelConfig]:
 def _router_params(cfg: RunConfig, model: ModelConfig) -> Any:
     args = {}
     if cfg.router_args_file is not None:
-        args = _read_yaml_mapping(Path(cfg.router_args_file), "--router-args-file")
+        args = read_yaml_mapping(Path(cfg.router_args_file), "--router-args-file")
     params = make_params(cfg.router, {**args, **cfg.router_args})
     gate = model.gate_config()
     try:  # the router's parameters against this model's gate (e.g. pool_size within [k, E])

@@ -5,7 +5,7 @@ JSON layout: ``command``, ``config`` (``framework``, ``model``: the ModelConfig,
 RunConfig, ``padded_prompt_len``), ``environment`` (versions, device, world and EP size,
 backend, git commit, time), ``table``, ``partial`` (True until every router has finished) and
 ``runs``: per router ``router``, ``router_params``, ``load_scope``, ``summary``
-(``moebalance.telemetry.summarize``), ``end_to_end``, ``quality`` (per domain), ``per_rank``
+(``moebalance.telemetry_stats.summarize``), ``end_to_end``, ``quality`` (per domain), ``per_rank``
 and ``records`` (one ``LayerStep`` per rank, step and MoE layer).
 """
 
@@ -28,9 +28,35 @@ import torch
 from ..parallel import ParallelSetup
 from ..telemetry import PHASES
 
-__all__ = ["environment", "table", "quality_table", "write_json", "check_writable"]
+__all__ = ["cpu_name", "git_commit", "utc_now", "environment", "table", "quality_table", "write_json", "check_writable"]
 
 PACKAGE_DIR = Path(__file__).resolve().parents[2]
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else ``platform.processor()``."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def git_commit() -> str | None:
+    """The commit of the source tree the package runs from (None outside a git checkout)."""
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PACKAGE_DIR, capture_output=True, text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def environment(setup: ParallelSetup) -> dict[str, Any]:
@@ -42,24 +68,9 @@ def environment(setup: ParallelSetup) -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             return None
 
-    if setup.device.type == "cuda":
-        device_name = torch.cuda.get_device_name(setup.device)
-    else:
-        device_name = platform.processor() or "cpu"
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    device_name = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=PACKAGE_DIR, capture_output=True, text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
+    device_name = (
+        torch.cuda.get_device_name(setup.device) if setup.device.type == "cuda" else cpu_name()
+    )
     return {
         "torch": torch.__version__,
         "megatron_core": version("megatron-core"),
@@ -73,8 +84,8 @@ def environment(setup: ParallelSetup) -> dict[str, Any]:
         "world_size": setup.world_size,
         "ep_size": setup.ep_size,
         "backend": setup.backend,
-        "git_commit": commit,
-        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "time": utc_now(),
     }
 
 
@@ -207,7 +218,7 @@ class Report:
 
     def add(self, router: str, per_rank: list[dict], quality: dict) -> None:
         """Add ``router``'s run from every rank's ``measure`` result and the held-out quality."""
-        from ..telemetry import summarize
+        from ..telemetry_stats import summarize
         from .generate import end_to_end
 
         params = self.run.params_of(router)

@@ -1,0 +1,155 @@
+"""Cross-rank statistics of MoE-layer telemetry (``moebalance.telemetry.LayerStep`` records of
+every rank), per (EP group, step, layer) sample over the ranks of one EP group:
+
+- straggler time (ms) = max over ranks of expert time - mean over ranks of expert time;
+- per-rank load imbalance = max / mean over ranks of tokens received (1 = balanced);
+- MV (max violation) = max / mean - 1 over the EP-global expert loads (``moebalance.metrics``);
+- dropped fraction = dropped top-k assignments / (routed tokens x k), summed over everything.
+p50 / p95 are taken over all (step, layer) samples (linear interpolation between order
+statistics, as numpy's default).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+
+from . import metrics
+from .telemetry import PHASES, RANGES
+
+__all__ = ["percentile", "straggler_ms", "rank_imbalance", "join_ranks", "summarize"]
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (q in [0, 100]) of ``values``, NaNs ignored, linear interpolation
+    between order statistics (numpy's default). NaN when nothing is left."""
+    if not 0 <= q <= 100:
+        raise ValueError(f"q must be in [0, 100], got {q!r}")
+    data = sorted(float(v) for v in values if not math.isnan(float(v)))
+    if not data:
+        return math.nan
+    pos = (len(data) - 1) * q / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(data) - 1)
+    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
+
+
+def straggler_ms(expert_ms: torch.Tensor) -> torch.Tensor:
+    """[..., R] expert time per rank (ms) -> [...] straggler time (ms) = max - mean over ranks."""
+    t = expert_ms.double()
+    return t.max(dim=-1)[0] - t.mean(dim=-1)
+
+
+def rank_imbalance(tokens_per_rank: torch.Tensor) -> torch.Tensor:
+    """[..., R] tokens received per rank -> [...] max / mean over ranks (1 = balanced; NaN when
+    no rank received a token)."""
+    return metrics.imbalance_ratio(tokens_per_rank)
+
+
+def join_ranks(records: Sequence[dict]) -> list[dict]:
+    """Join per-rank ``LayerStep`` dicts (from all ranks) into one sample per (EP group, step,
+    layer), ranks in EP order. Each sample: ep_group, step, phase, layer, and per-rank lists
+    ``experts_ms``, ``dispatch_ms``, ``combine_ms``, ``router_ms`` (ms), ``tokens_per_rank``
+    (tokens received), ``expert_load`` (EP-global [E] tokens per expert), plus summed
+    ``tokens``, ``assignments``, ``dropped``. Raises ValueError when a sample misses a rank."""
+    groups: dict[tuple[int, int, int], list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["ep_group"], r["step"], r["layer"]), []).append(r)
+    ep_sizes = {}
+    for (g, _, _), rows in groups.items():
+        ep_sizes[g] = max(ep_sizes.get(g, 0), len(rows))
+    samples = []
+    for (g, step, layer), rows in sorted(groups.items()):
+        rows = sorted(rows, key=lambda r: r["ep_rank"])
+        if [r["ep_rank"] for r in rows] != list(range(ep_sizes[g])):
+            raise ValueError(
+                f"EP group {g}, step {step}, layer {layer}: records from EP ranks "
+                f"{[r['ep_rank'] for r in rows]}, expected 0..{ep_sizes[g] - 1}"
+            )
+        samples.append(
+            {
+                "ep_group": g,
+                "step": step,
+                "phase": rows[0]["phase"],
+                "layer": layer,
+                **{f"{n}_ms": [r[f"{n}_ms"] for r in rows] for n in RANGES},
+                "tokens_per_rank": [sum(r["tokens_per_expert"]) for r in rows],
+                "expert_load": [c for r in rows for c in r["tokens_per_expert"]],
+                "tokens": sum(r["tokens"] for r in rows),
+                "assignments": sum(r["assignments"] for r in rows),
+                "dropped": sum(r["dropped"] for r in rows),
+                # padded dispatch (DeepSpeed): C agreed over the group; None when dropless
+                "capacity": max((r.get("capacity") or 0 for r in rows), default=0) or None,
+            }
+        )
+    return samples
+
+
+def _stats(values: Sequence[float]) -> dict[str, float]:
+    finite = [v for v in values if not math.isnan(v)]
+    return {
+        "p50": percentile(finite, 50),
+        "p95": percentile(finite, 95),
+        "mean": sum(finite) / len(finite) if finite else math.nan,
+        "max": max(finite) if finite else math.nan,
+        "n": len(finite),
+    }
+
+
+def _sample_figures(sample: dict) -> dict[str, float]:
+    """Straggler (ms), per-rank imbalance, MV, and mean per-rank phase times of one sample."""
+    load = torch.tensor(sample["expert_load"], dtype=torch.float64)
+    per_rank = torch.tensor(sample["tokens_per_rank"], dtype=torch.float64)
+    return {
+        "straggler_ms": float(straggler_ms(torch.tensor(sample["experts_ms"]))),
+        "rank_imbalance": float(rank_imbalance(per_rank)) if per_rank.sum() > 0 else math.nan,
+        "max_violation": float(metrics.max_violation(load)) if load.sum() > 0 else math.nan,
+        **{f"{n}_ms": sum(sample[f"{n}_ms"]) / len(sample[f"{n}_ms"]) for n in RANGES},
+    }
+
+
+def _summary_of(samples: Sequence[dict], topk: int) -> dict[str, Any]:
+    figures = [_sample_figures(s) for s in samples]
+    keys = ("straggler_ms", "rank_imbalance", "max_violation") + tuple(f"{n}_ms" for n in RANGES)
+    routed = sum(s["tokens"] for s in samples) * topk
+    out = {
+        "samples": len(samples),
+        **{k: _stats([f[k] for f in figures]) for k in keys},
+        "dropped_fraction": sum(s["dropped"] for s in samples) / routed if routed else 0.0,
+        "tokens": sum(s["tokens"] for s in samples),
+        "assignments": sum(s["assignments"] for s in samples),
+    }
+    padded = [s for s in samples if s.get("capacity")]
+    if padded:  # every expert computes C rows per sending rank: the share holding a token
+        out["capacity"] = _stats([float(s["capacity"]) for s in padded])
+        out["buffer_fill"] = _stats([
+            sum(s["expert_load"]) / (len(s["expert_load"]) * len(s["tokens_per_rank"]) * s["capacity"])
+            for s in padded
+        ])
+    return out
+
+
+def summarize(records: Sequence[dict], topk: int) -> dict[str, Any]:
+    """Statistics over the (step, layer) samples of ``records`` (``LayerStep`` dicts of all
+    ranks, e.g. the concatenated result of ``gather_to_rank0``), overall and per phase.
+
+    Returns {"all": S, "prefill": S, "decode": S, "per_layer": {layer: S}} where S has
+    ``straggler_ms``, ``rank_imbalance``, ``max_violation``, ``router_ms``, ``dispatch_ms``,
+    ``experts_ms``, ``combine_ms`` (each {"p50", "p95", "mean", "max", "n"}; phase times are the
+    mean over ranks of each sample), ``dropped_fraction``, ``samples``, ``tokens``,
+    ``assignments``; with a padded dispatch buffer (DeepSpeed) also ``capacity`` (C) and
+    ``buffer_fill`` (tokens received / (E x EP x C): the share of the computed slots holding a
+    token; each expert computes C slots per sending rank). Warm-up records should be left out
+    before (``records()`` does).
+    """
+    samples = join_ranks(records)
+    out: dict[str, Any] = {"all": _summary_of(samples, topk)}
+    for phase in PHASES:
+        out[phase] = _summary_of([s for s in samples if s["phase"] == phase], topk)
+    layers = sorted({s["layer"] for s in samples})
+    out["per_layer"] = {
+        layer: _summary_of([s for s in samples if s["layer"] == layer], topk) for layer in layers
+    }
+    return out
