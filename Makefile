@@ -20,7 +20,7 @@ $(STAMP): requirements.txt constraints.txt
 # The main job (run file moebalance/configs/runs/demo.yaml): expert-parallel inference (torchrun,
 # gloo on CPU / NCCL on GPU), vanilla top-k then ROUTER on the trained tiny-moe.
 demo: env
-	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) scripts/infer.py --run-config demo --router $(ROUTER)
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) scripts/infer.py --run-config demo --router $(ROUTER) --overwrite
 
 # Router benchmark on calibrated synthetic workloads -> results/routers_cpu.{json,md}
 bench: env

@@ -228,6 +228,7 @@ def build_model(
         init_weights(model, cfg)
         if cfg.skew != "none":
             apply_skew(model, cfg)
+    weights.require_finite(model.named_parameters(), "the built model")
     return model
 
 

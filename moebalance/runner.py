@@ -26,8 +26,10 @@ from .routing import Routing
 
 __all__ = [
     "LOAD_SCOPES",
+    "NonFiniteLogitsError",
     "RouterRunner",
     "RunnerState",
+    "check_router_logits",
     "check_load_scope",
     "other_ranks_load",
     "resolve_params",
@@ -114,6 +116,10 @@ class RouterRunner:
         self.decode = False
         self.seed = 0
         self.last_routing: Optional[Routing] = None
+        self.layer: Optional[int] = None  # the layer of the latest call (error messages)
+        # 0-dim bool on the logits' device: a non-finite logit since the last check
+        # (``check_router_logits`` reads it once per model step: no sync per layer)
+        self.nonfinite: Optional[torch.Tensor] = None
 
     @property
     def name(self) -> str:
@@ -142,6 +148,9 @@ class RouterRunner:
         """The policy's decision for ``logits`` [T, E] (valid tokens only), kept in
         ``last_routing``. Collective over the EP ``group`` when ``load_scope`` is "global" at
         EP > 1."""
+        bad = ~torch.isfinite(logits).all()
+        self.nonfinite = bad if self.nonfinite is None else self.nonfinite | bad
+        self.layer = ctx.layer
         decision = route_in_group(
             self.policy.name,
             logits,
@@ -234,3 +243,31 @@ class RunnerState:
     @last_routing.setter
     def last_routing(self, value: Optional[Routing]) -> None:
         self.runner.last_routing = value
+
+
+class NonFiniteLogitsError(RuntimeError):
+    """Router logits held NaN or Inf: the model's weights or inputs are broken (policies would
+    route such rows to 0, 2 or all experts with NaN weights)."""
+
+
+def check_router_logits(model: torch.nn.Module, when: str = "") -> None:
+    """Raise NonFiniteLogitsError naming the first MoE layer whose router saw a NaN or Inf
+    logit since the last check, and clear the flags. One host read for all layers: call it
+    once per model step, not per layer. ``when`` (e.g. "prefill") goes into the message."""
+    runners = [
+        m.runner for m in model.modules() if isinstance(getattr(m, "runner", None), RouterRunner)
+    ]
+    flagged = [r for r in runners if r.nonfinite is not None]
+    if not flagged:
+        return
+    bad = torch.stack([r.nonfinite for r in flagged]).cpu()
+    for r in flagged:
+        r.nonfinite = None
+    if bool(bad.any()):
+        layers = [r.layer for r, b in zip(flagged, bad.tolist()) if b]
+        raise NonFiniteLogitsError(
+            f"router logits of MoE layer {layers[0]} contain NaN or Inf"
+            + (f" ({when})" if when else "")
+            + (f"; also layers {layers[1:]}" if len(layers) > 1 else "")
+            + ": the model's weights or inputs are not finite"
+        )

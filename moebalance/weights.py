@@ -47,6 +47,7 @@ __all__ = [
     "load_checkpoint",
     "load_state",
     "save_checkpoint",
+    "require_finite",
 ]
 
 #: ModelConfig.dtype -> torch dtype
@@ -118,6 +119,14 @@ def check_checkpoint_keys(
         )
 
 
+def require_finite(named: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
+    """ConfigError naming the first floating tensor of ``named`` ((name, tensor) pairs, e.g.
+    ``model.named_parameters()``) that holds NaN or Inf. One pass over the weights, at build."""
+    for name, value in named:
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ConfigError(f"{source}: {name} holds NaN or Inf values")
+
+
 def _copy_state(
     state: Mapping[str, torch.Tensor],
     names: Mapping[str, str],
@@ -131,6 +140,8 @@ def _copy_state(
                 f"{source}: {canonical} has shape {tuple(value.shape)}, the model expects "
                 f"{tuple(target.shape)}"
             )
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ConfigError(f"{source}: {canonical} holds NaN or Inf values")
         target.copy_(value.to(dtype=target.dtype, device=target.device))
 
 

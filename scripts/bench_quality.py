@@ -29,7 +29,6 @@ import os
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -122,12 +121,12 @@ def launch(args: argparse.Namespace, argv: list[str]) -> int:
 def worker(args: argparse.Namespace) -> int:
     from moebalance.corpus import default_corpus, heldout_sequences
     from moebalance.harness import get_framework
+    from moebalance.harness.framework import quiet_import_warnings
     from moebalance.harness.quality import heldout_quality
     from moebalance.telemetry import MoERecorder, gather_to_rank0
     from moebalance.telemetry_stats import summarize
 
-    for pattern in (r"Transformer Engine", r"Apex", r"absl", r"full scope", r"`torch\.distributed"):
-        warnings.filterwarnings("ignore", message=pattern)
+    quiet_import_warnings()
     framework = get_framework(args.framework)
     setup = framework.init_distributed(None, 300.0)
     rank, world = setup.rank, setup.world_size

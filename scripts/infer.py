@@ -15,9 +15,8 @@ then ``--router`` in the same model (routers swapped, weights unchanged). After 
 every rank evaluates its share of the held-out text teacher-forced with that router active.
 
 Rank 0 prints the tables and writes the JSON report (``moebalance.harness.report``) after every
-router, atomically. Bad options exit 2 with one line (printed by rank 0) before any process
-group starts; a rank that fails prints its traceback and exits 1, and the others give up at the
-collective timeout. The run's fields: ``moebalance.harness.config.RunConfig``.
+router, atomically. Bad options exit 2 with one line before any process group starts (see
+``entry`` for failures after it). The run's fields: ``moebalance.harness.config.RunConfig``.
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -33,21 +31,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a chec
 
 from moebalance.config import ConfigError  # noqa: E402
 from moebalance.harness import Run, get_framework  # noqa: E402
+from moebalance.harness.framework import quiet_import_warnings  # noqa: E402
 from moebalance.harness.cli import build_parser, run_from_args  # noqa: E402
 from moebalance.harness.data import lockstep_batch, make_prompts, quality_sequences  # noqa: E402
 from moebalance.harness.generate import measure  # noqa: E402
 from moebalance.harness.quality import heldout_quality  # noqa: E402
-from moebalance.harness.report import Report, check_writable  # noqa: E402
+from moebalance.harness.report import Report, claim_output  # noqa: E402
+from moebalance.harness.startup import agree_across_ranks  # noqa: E402
+from moebalance.runner import NonFiniteLogitsError  # noqa: E402
 from moebalance.telemetry import MoERecorder, gather_to_rank0  # noqa: E402
 
 PROG = "infer.py"
-# Import-time notices that say nothing on a CPU box (no Transformer Engine / Apex there).
-QUIET_WARNINGS = (
-    r"Transformer Engine and Apex are not installed", r"Apex is not installed",
-    r"absl\.logging is not installed", r"full scope is deprecated",
-    r"`torch\.distributed\.\w+` is deprecated",
-)
-
 
 def fail(message: str) -> None:
     """Exit 2 with one line on stderr, printed once (by rank 0, or by a plain process)."""
@@ -66,20 +60,26 @@ def parse_args(argv: Optional[list[str]] = None) -> Run:
         fail(str(err).replace("\n", " "))
     if os.environ.get("RANK", "0") == "0":  # the rank that writes: before any work starts
         try:
-            check_writable(run.out)
+            claim_output(run.out, overwrite=run.config.overwrite, command=command(argv))
+        except ConfigError as err:
+            fail(str(err))
         except OSError as err:
             fail(f"--out {run.out}: cannot write there ({err.strerror or err})")
     return run
 
 
+def command(argv: Optional[list[str]]) -> list[str]:
+    return [PROG, *(sys.argv[1:] if argv is None else argv)]
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     run = parse_args(argv)
     cfg, model_cfg = run.config, run.model
-    for pattern in QUIET_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern)
     framework = get_framework(cfg.framework)
+    quiet_import_warnings()
 
     setup = framework.init_distributed(run.ep, cfg.timeout)
+    agree_across_ranks(run)  # every rank started with the same options, or a one-line error
     rank0 = setup.rank == 0
     if rank0:
         print(
@@ -101,8 +101,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     framework.instrument(model, recorder)
     ids, pad = lockstep_batch(make_prompts(run, setup.rank), setup.device)
     eval_sequences = quality_sequences(run, setup.rank, setup.world_size)
-    command = [PROG, *(sys.argv[1:] if argv is None else argv)]
-    report = Report(run, setup, command, int(ids.shape[1])) if rank0 else None
+    report = Report(run, setup, command(argv), int(ids.shape[1])) if rank0 else None
 
     for i, router in enumerate(run.routers):
         if i > 0:  # same model, same prompts: only the routing decision changes
@@ -124,12 +123,21 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def entry() -> int:
-    """Run ``main``; an exception on any rank is printed with the rank and exits 1 at once
-    (no collective teardown that would wait for the others), so torchrun stops the job."""
+    """Run ``main``; a failure on any rank exits at once (no collective teardown that would wait
+    for the others), so torchrun stops the job: options the ranks disagree on exit 2 with one
+    line, non-finite router logits exit 1 with one line per rank, anything else prints its
+    traceback and exits 1."""
     try:
         return main()
     except SystemExit:
         raise
+    except ConfigError as err:  # found after start-up: the ranks' options differ
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
+        os._exit(2)
+    except NonFiniteLogitsError as err:
+        print(f"{PROG}: rank {os.environ.get('RANK', '0')}: error: {err}", file=sys.stderr, flush=True)
+        os._exit(1)
     except BaseException:
         rank = os.environ.get("RANK", "0")
         print(f"{PROG}: rank {rank} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)

@@ -17,6 +17,7 @@ from typing import Any, Optional
 from ..config import parse_key_values
 from ..model_config import SKEWS, model_config_presets
 from ..policies import POLICIES
+from .memory import available_bytes, check_memory
 from .config import (
     FRAMEWORKS,
     Run,
@@ -71,6 +72,7 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     add("--eval-len", type=int, help="tokens per held-out sequence (default: 128)")
     add("--timeout", type=float, help="collective timeout, s (default: 120)")
     add("--out", help="JSON path (default: results/infer_<router>_ep<N>.json)")
+    add("--overwrite", action="store_true", help="replace an existing --out file")
     add("--no-nvtx", dest="nvtx", action="store_false", help="do not emit NVTX ranges")
     return parser
 
@@ -90,9 +92,14 @@ def run_from_args(parser: argparse.ArgumentParser, argv: Optional[list[str]] = N
     import torch
 
     cfg = _config_from(parser.parse_args(argv))
-    return resolve(
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    run = resolve(
         cfg,
         world_size=int(os.environ.get("WORLD_SIZE", "1")),
-        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
-        cuda_devices=torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        local_world_size=local_world,
+        cuda_devices=cuda,
     )
+    gpu = int(os.environ.get("LOCAL_RANK", "0")) if cuda else None
+    check_memory(run, available_bytes(local_world, gpu), on_gpu=bool(cuda))
+    return run

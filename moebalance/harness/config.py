@@ -69,6 +69,9 @@ class RunConfig:
             tokens per held-out sequence.
         timeout: collective timeout (s).
         out: JSON path (None: results/infer[_<framework>]_<router>_ep<N>.json).
+        overwrite: replace an existing ``out`` (otherwise a run refuses to start over another
+            run's file, and claims its own path at start so that a second job aiming at it
+            fails at once).
         nvtx: emit NVTX ranges.
     """
 
@@ -93,11 +96,12 @@ class RunConfig:
     eval_len: int = 128
     timeout: float = 120.0
     out: Optional[str] = None
+    overwrite: bool = False
     nvtx: bool = True
 
 
 _INT_FIELDS = ("batch", "prompt_len", "gen_len", "warmup", "seed", "eval_seqs", "eval_len")
-_BOOL_FIELDS = ("compare", "uneven", "nvtx")
+_BOOL_FIELDS = ("compare", "uneven", "overwrite", "nvtx")
 _STR_FIELDS = ("framework", "router", "load_scope", "dispatcher")
 _OPTIONAL_STR_FIELDS = ("model", "checkpoint", "skew", "router_args_file", "out")
 

@@ -13,6 +13,7 @@ Sk] bool (True = masked), inference_context=None, padding_mask=None [B, S] bool 
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Any, Optional, Protocol, runtime_checkable
 
 import torch
@@ -22,7 +23,7 @@ from ..model_config import ModelConfig
 from ..parallel import ParallelSetup
 from ..telemetry import Instrumentation, MoERecorder
 
-__all__ = ["Framework", "ADAPTERS", "get_framework"]
+__all__ = ["Framework", "ADAPTERS", "QUIET_WARNINGS", "get_framework", "quiet_import_warnings"]
 
 #: framework name -> the adapter module that holds its ``FRAMEWORK`` object
 ADAPTERS = {"megatron": "megatron_patch.harness", "deepspeed": "deepspeed_patch.harness"}
@@ -67,6 +68,21 @@ class Framework(Protocol):
 
     def destroy_distributed(self) -> None:
         """Tear down the process groups (after a barrier)."""
+
+
+# Import-time notices of the frameworks that say nothing on a CPU box (no Transformer Engine
+# or Apex there) and deprecations of torch.distributed names the frameworks still use.
+QUIET_WARNINGS = (
+    r"Transformer Engine and Apex are not installed", r"Apex is not installed",
+    r"absl\.logging is not installed", r"full scope is deprecated",
+    r"`torch\.distributed\.\w+` is deprecated",
+)
+
+
+def quiet_import_warnings() -> None:
+    """Ignore ``QUIET_WARNINGS`` in this process."""
+    for pattern in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
 
 
 def get_framework(name: str) -> Framework:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..runner import check_router_logits
 from ..telemetry import MoERecorder
 from .framework import Framework
 
@@ -92,6 +93,7 @@ def generate(
         ids, positions[:, :S], mask[:, :, :S, :S], inference_context=context, padding_mask=pad
     )
     recorder.end_step()
+    check_router_logits(model, "prefill")
     tokens = [logits[:, -1].argmax(dim=-1)]
     _sync(device)
     prefill_ms = (time.perf_counter() - start) * 1e3
@@ -110,6 +112,7 @@ def generate(
             inference_context=context,
         )
         recorder.end_step()
+        check_router_logits(model, f"decode step {step + 1}")
         tokens.append(logits[:, -1].argmax(dim=-1))
         context.sequence_len_offset += 1
     _sync(device)

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..runner import check_router_logits
 from ..telemetry import MoERecorder
 
 __all__ = ["evaluate", "quality_from_sums", "heldout_quality"]
@@ -43,6 +44,7 @@ def evaluate(
             logits = model(part[:, :-1], positions.expand(B, S), mask.expand(B, 1, S, S)).float()
             if recorder is not None:
                 recorder.end_step()
+            check_router_logits(model, "held-out evaluation")
             target = part[:, 1:]
             nll += float(
                 torch.nn.functional.cross_entropy(

@@ -25,10 +25,14 @@ from typing import Any
 
 import torch
 
+from ..config import ConfigError
 from ..parallel import ParallelSetup
 from ..telemetry import PHASES
 
-__all__ = ["cpu_name", "git_commit", "utc_now", "environment", "table", "quality_table", "write_json", "check_writable"]
+__all__ = [
+    "cpu_name", "git_commit", "utc_now", "environment", "table", "quality_table", "write_json",
+    "check_writable", "claim_output", "Report",
+]
 
 PACKAGE_DIR = Path(__file__).resolve().parents[2]
 
@@ -161,6 +165,29 @@ def check_writable(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
         pass
+
+
+def claim_output(path: Path, *, overwrite: bool, command: list[str]) -> None:
+    """Make sure this run may write ``path``, before any work. Without ``overwrite`` an
+    existing file is another run's results: ConfigError; otherwise the path is claimed at once
+    by creating it exclusively with a placeholder report (``partial``, no runs), so that a
+    second job aiming at the same path fails at its start instead of silently replacing this
+    one's results. With ``overwrite`` the folder is only checked: an existing file is replaced
+    when the first router finishes (atomically), never before. OSError when the folder is not
+    writable."""
+    check_writable(path)
+    if overwrite:
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        raise ConfigError(
+            f"--out {path} exists (another run's results); pass --overwrite to replace it, or "
+            "choose another --out"
+        ) from None
+    with os.fdopen(fd, "w") as f:
+        json.dump({"command": command, "partial": True, "runs": []}, f)
+        f.write("\n")
 
 
 def write_json(path: Path, report: dict) -> None:
