@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import zlib
 from pathlib import Path
@@ -206,8 +207,15 @@ def save_checkpoint(
     metadata = {"format": CHECKPOINT_FORMAT}
     if cfg is not None:
         metadata["model_config"] = json.dumps(dataclasses.asdict(cfg))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(merged, str(path), metadata=metadata)
+    # written beside the target, then renamed over it: a failed write keeps the old file
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(merged, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def check_checkpoint_file(path: str | Path, cfg: ModelConfig) -> None:

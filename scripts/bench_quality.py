@@ -174,7 +174,7 @@ def worker(args: argparse.Namespace) -> int:
 
 
 def write_outputs(args, results, wall_s, world) -> None:
-    from moebalance.harness.report import cpu_name, git_commit, utc_now, write_json
+    from moebalance.harness.report import cpu_name, git_commit, utc_now, write_json, write_text_atomic
 
     cfg = args.model
     base = results[0]["quality"]
@@ -229,7 +229,7 @@ def write_outputs(args, results, wall_s, world) -> None:
             f"{r['straggler_ms']['p50']:.3f} | {r['straggler_ms']['mean']:.3f} |"
         )
     md = out.with_suffix(".md")
-    md.write_text("\n".join(lines) + "\n")
+    write_text_atomic(md, "\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
     print(f"{PROG}: wrote {out} and {md} in {wall_s:.0f} s", file=sys.stderr)
 

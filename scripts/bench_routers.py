@@ -65,7 +65,7 @@ if str(ROOT / "tests") not in sys.path:
 from laser_reference import laser_reference  # noqa: E402
 from moebalance import metrics  # noqa: E402
 from moebalance.config import ConfigError, RoutingContext, parse_key_values  # noqa: E402
-from moebalance.harness.report import cpu_name  # noqa: E402
+from moebalance.harness.report import check_writable, cpu_name, write_text_atomic  # noqa: E402
 from moebalance.policies import POLICIES, get_policy, route  # noqa: E402
 from moebalance.policies.gate import gate_weights, score_distribution  # noqa: E402
 from moebalance.policies.topk_routing import topk_indices  # noqa: E402
@@ -80,11 +80,84 @@ REFERENCE = "laser_reference"
 INT_TOPK = "topk_int_keys"  # vanilla top-k selecting like the policies do: a faster control
 MEGATRON = "megatron_topk"  # Megatron-Core's own topk_routing_with_score_function
 REFERENCE_MAX_TOKENS = 8192  # the sequential greedy is a Python loop over tokens
+PROG = "bench_routers.py"
 EP_RANK, EP_SIZE = 0, 8
 
 
+# Upper bounds on the options, far past any useful value, so that a typo is a one-line error
+# rather than a run that exhausts memory or never ends. T tokens per rank make [8 T, E] float32
+# logits (E = 64: 2 KiB per T, 0.5 GiB at the maximum) and several tensors of that size per router.
+MAX_TOKENS = 262144  # 4 times the full benchmark's largest T
+MAX_REPEATS = 1000
+MAX_THREADS = 1024  # torch.set_num_threads crashes the process far above this
+
+
+def fail(message: str) -> None:
+    """Exit 2 with one line on stderr (argparse's errors too: no usage block, no traceback)."""
+    print(f"{PROG}: error: {message}".replace("\n", " "), file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # noqa: D102
+        fail(message)
+
+
+def _names(option: str, text: str) -> list[str]:
+    """The comma-separated items of ``option``, each at most once, at least one."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        fail(f"{option} needs at least one comma-separated value, got {text!r}")
+    repeated = sorted({item for item in items if items.count(item) > 1})
+    if repeated:
+        fail(f"{option} lists {', '.join(repeated)} more than once, got {text!r}")
+    return items
+
+
+def _check_laser_params(params, presets: list[str]) -> None:
+    """The LASER parameters against every benchmarked gate, layer by layer (as ``route``
+    checks them), before anything runs; per_layer keys must be profiled layers."""
+    layers = sorted({layer for name in presets for layer in PRESETS[name].layers})
+    unused = sorted(set(params.per_layer) - set(layers))
+    if unused:
+        fail(
+            f"--laser-args: per_layer has layer(s) {unused} that no benchmarked preset profiles; "
+            f"allowed layers: {layers}"
+        )
+    for name in presets:
+        preset = PRESETS[name]
+        for layer in preset.layers:
+            try:
+                params.for_layer(layer).validate(preset.gate())
+            except ConfigError as err:
+                where = f"preset {name}" + (f" layer {layer}" if layer in params.per_layer else "")
+                fail(f"--laser-args: {err} (for {where}: E={preset.num_experts}, k={preset.topk})")
+
+
+def _check_out(out: Path) -> None:
+    """Exit 2 unless the JSON and the markdown beside it can be written (checked before any
+    work: the results are written only at the end)."""
+    md = out.with_suffix(".md")
+    if md == out:
+        fail(f"--out {out}: the markdown table goes to the same path with suffix .md; "
+             "give the JSON another suffix (e.g. .json)")
+    for path in (out, md):
+        if path.is_dir():
+            fail(f"--out {out}: {path} is a directory; --out must name a file")
+        if path.exists() and not os.access(path, os.W_OK):
+            fail(f"--out {out}: {path} exists and is not writable")
+    blocked = next((d for d in out.parents if d.exists() and not d.is_dir()), None)
+    if blocked is not None:
+        fail(f"--out {out}: {blocked} is a file, not a directory")
+    try:
+        check_writable(out)  # creates the folder if missing
+    except OSError as err:
+        fail(f"--out {out}: cannot write there ({err.strerror or err})")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """Options, validated before any work (exit 2 with one line on stderr on bad input)."""
+    parser = _Parser(prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument(
         "--quick", action="store_true", help=f"T in {QUICK_TOKENS}, {QUICK_REPEATS} repeats"
     )
@@ -92,13 +165,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--out",
         type=Path,
         default=ROOT / "results" / "routers_cpu.json",
-        help="JSON output; the markdown table goes next to it with suffix .md",
+        help="JSON output; the markdown table goes next to it with suffix .md (both checked "
+        "writable before any work)",
     )
     parser.add_argument(
         "--repeats",
         type=int,
         default=None,
-        help=f"timed runs per router and layer (default {FULL_REPEATS}, --quick {QUICK_REPEATS})",
+        help=f"timed runs per router and layer, 1 to {MAX_REPEATS} "
+        f"(default {FULL_REPEATS}, --quick {QUICK_REPEATS})",
     )
     parser.add_argument(
         "--presets",
@@ -108,7 +183,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--tokens",
         default=None,
-        help="comma-separated batch sizes T (default 1024,8192,65536; --quick 1024,8192)",
+        help=f"comma-separated batch sizes T per rank, 1 to {MAX_TOKENS} "
+        "(default 1024,8192,65536; --quick 1024,8192)",
     )
     parser.add_argument(
         "--domain", default="c4", help="text domain of the load profiles (c4, github, arxiv)"
@@ -120,43 +196,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         metavar="KEY=VALUE",
         help="LaserParams overrides for the laser router and its sequential reference "
-        "(e.g. repair_rounds=8); values are YAML scalars",
+        "(e.g. repair_rounds=8); values are YAML scalars; checked against every preset's gate",
     )
     parser.add_argument(
         "--threads",
         type=int,
         default=None,
-        help="intra-op threads while timing (default: torch's, here the machine's cores); "
-        "1 is what each rank of a torchrun job gets unless OMP_NUM_THREADS says otherwise",
+        help=f"intra-op threads while timing, 1 to {MAX_THREADS} (default: torch's, here the "
+        "machine's cores); 1 is what each rank of a torchrun job gets unless OMP_NUM_THREADS "
+        "says otherwise",
     )
     args = parser.parse_args(argv)
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
+        fail(f"--threads must be >= 1 and <= {MAX_THREADS}, got {args.threads}")
+    try:
+        args.presets = [get_preset(name).name for name in _names("--presets", args.presets)]
+    except ConfigError as err:
+        fail(f"--presets: {err}")
+    try:
+        for name in args.presets:
+            PRESETS[name].profile(None, args.domain)
+    except ConfigError as err:
+        fail(f"--domain: {err}")
     try:
         overrides = parse_key_values(args.laser_args, "--laser-args")
         args.laser_params = get_policy("laser").params(overrides)
     except ConfigError as err:
-        parser.error(f"--laser-args: {err}")
-    try:
-        names = [name.strip() for name in args.presets.split(",") if name.strip()]
-        args.presets = [get_preset(name).name for name in names]
-        for name in args.presets:
-            PRESETS[name].profile(None, args.domain)
-    except ConfigError as err:
-        parser.error(str(err))
+        fail(f"--laser-args: {err}")
+    _check_laser_params(args.laser_params, args.presets)
     if args.tokens is None:
         args.tokens = list(QUICK_TOKENS if args.quick else FULL_TOKENS)
     else:
         try:
-            args.tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
+            args.tokens = [int(t) for t in _names("--tokens", args.tokens)]
         except ValueError:
-            parser.error(f"--tokens must be comma-separated integers, got {args.tokens!r}")
-        if not args.tokens or min(args.tokens) < 1:
-            parser.error("--tokens needs at least one batch size >= 1")
+            fail(f"--tokens must be comma-separated integers, got {args.tokens!r}")
+        if not all(1 <= t <= MAX_TOKENS for t in args.tokens):
+            fail(f"--tokens: each batch size must be >= 1 and <= {MAX_TOKENS}, got {args.tokens}")
     if args.repeats is None:
         args.repeats = QUICK_REPEATS if args.quick else FULL_REPEATS
-    if args.repeats < 1:
-        parser.error("--repeats must be >= 1")
+    if not 1 <= args.repeats <= MAX_REPEATS:
+        fail(f"--repeats must be >= 1 and <= {MAX_REPEATS}, got {args.repeats}")
+    _check_out(args.out)
     return args
 
 
@@ -486,8 +567,8 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
         "environment": env,
         "results": records,
     }
-    args.out.write_text(json.dumps(document, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(report)
+    write_text_atomic(args.out, json.dumps(document, indent=1) + "\n")
+    write_text_atomic(args.out.with_suffix(".md"), report)
     print(f"[bench_routers] wrote {args.out} and {args.out.with_suffix('.md')} "
           f"in {env['wall_s']:.1f} s", file=sys.stderr)
     return 0

@@ -58,22 +58,24 @@ def parse_args(argv: Optional[list[str]] = None) -> Run:
         run = run_from_args(parser, argv)
     except ConfigError as err:
         fail(str(err).replace("\n", " "))
-    if os.environ.get("RANK", "0") == "0":  # the rank that writes: before any work starts
+    return run
+
+
+def claim(run: Run, command: list[str]) -> None:
+    """Rank 0, the one that writes, claims the output path before any work starts."""
+    if os.environ.get("RANK", "0") == "0":
         try:
-            claim_output(run.out, overwrite=run.config.overwrite, command=command(argv))
+            claim_output(run.out, overwrite=run.config.overwrite, command=command)
         except ConfigError as err:
             fail(str(err))
         except OSError as err:
             fail(f"--out {run.out}: cannot write there ({err.strerror or err})")
-    return run
-
-
-def command(argv: Optional[list[str]]) -> list[str]:
-    return [PROG, *(sys.argv[1:] if argv is None else argv)]
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     run = parse_args(argv)
+    command = [PROG, *(sys.argv[1:] if argv is None else argv)]
+    claim(run, command)
     cfg, model_cfg = run.config, run.model
     framework = get_framework(cfg.framework)
     quiet_import_warnings()
@@ -101,7 +103,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     framework.instrument(model, recorder)
     ids, pad = lockstep_batch(make_prompts(run, setup.rank), setup.device)
     eval_sequences = quality_sequences(run, setup.rank, setup.world_size)
-    report = Report(run, setup, command(argv), int(ids.shape[1])) if rank0 else None
+    report = Report(run, setup, command, int(ids.shape[1])) if rank0 else None
 
     for i, router in enumerate(run.routers):
         if i > 0:  # same model, same prompts: only the routing decision changes

@@ -44,50 +44,210 @@ import yaml  # noqa: E402
 from moebalance.config import ConfigError  # noqa: E402
 from moebalance.corpus import (  # noqa: E402
     VOCAB_SIZE,
+    Corpus,
     default_corpus,
     heldout_sequences,
     load_corpus_dir,
     sample_batch,
 )
+from moebalance.harness.report import check_writable, write_text_atomic  # noqa: E402
 from moebalance.model_config import TRAINED_CHECKPOINT_DIR, load_model_config  # noqa: E402
 
 PROG = "train_tiny.py"
 DEFAULT_OUT = TRAINED_CHECKPOINT_DIR
 EVAL_SEQS = 48  # held-out sequences per domain
 EVAL_LEN = 128  # tokens per held-out sequence
+OUTPUT_FILES = ("model.safetensors", "config.yaml", "MODEL_CARD.md", "metrics.json")
+
+# Upper bounds on the options, far past any useful value (the defaults: 400 steps of 16 x 128
+# tokens on 2 threads, ~5 min), so that a typo is a one-line error rather than a run that
+# exhausts memory or never ends.
+MAX_STEPS = 1_000_000  # ~9 days at the default step time
+MAX_BATCH = 1024
+MAX_TOKENS_PER_STEP = 32768  # --batch x --seq-len: 16 times the default step's activations
+MAX_THREADS = 1024  # torch.set_num_threads crashes the process far above this
+MAX_EVAL_SEQS = 4096  # per domain
+MAX_LR = 1.0  # AdamW diverges long before
+MAX_AUX_LOSS_COEFF = 100.0  # real models use 1e-3 to 1e-2
+SEED_LIMIT = 2**63  # the model's init_seed + --seed must stay below it
+MAX_PARAMETERS = 10**9  # ~16 GB of float32 weights, gradients and AdamW moments on the CPU
+
+
+def approx_parameters(cfg) -> int:
+    """About how many parameters ``cfg``'s model has (embeddings, attention, MLPs, experts,
+    routers; norms and biases left out): enough to refuse a model that cannot train here."""
+    H, heads = cfg.hidden_size, cfg.num_attention_heads
+    kv = (cfg.num_query_groups or heads) * (H // heads)
+    gated = 3 if cfg.activation == "swiglu" else 2
+    attention = H * (H + 2 * kv) + H * H
+    dense = gated * H * cfg.ffn_hidden_size
+    moe = cfg.num_experts * (gated * H * cfg.expert_ffn_hidden_size + H)
+    moe += gated * H * (cfg.shared_expert_ffn_hidden_size or 0)
+    layers = cfg.first_dense_layers * (attention + dense)
+    layers += (cfg.num_layers - cfg.first_dense_layers) * (attention + moe)
+    return layers + cfg.vocab_size * H * (1 if cfg.tie_embeddings else 2)
+
+
+def fail(message: str) -> None:
+    """Exit 2 with one line on stderr (argparse's errors too: no usage block, no traceback)."""
+    print(f"{PROG}: error: {message}".replace("\n", " "), file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # noqa: D102
+        fail(message)
+
+
+def _check_output_dir(out: Path) -> None:
+    """Exit 2 unless ``out`` is (or can be created as) a folder where every output file can
+    be written: checked before any training."""
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out}: exists and is not a directory (the checkpoint folder)")
+    blocked = next((d for d in out.parents if d.exists() and not d.is_dir()), None)
+    if blocked is not None:
+        fail(f"--out {out}: {blocked} is a file, not a directory")
+    try:
+        check_writable(out / OUTPUT_FILES[0])  # creates the folder if missing
+    except OSError as err:
+        fail(f"--out {out}: cannot write there ({err.strerror or err})")
+    for name in OUTPUT_FILES:
+        target = out / name
+        if target.is_dir():
+            fail(f"--out {out}: {name} there is a directory; it must be a writable file")
+        if target.exists() and not os.access(target, os.W_OK):
+            fail(f"--out {out}: {name} there is not writable")
+
+
+def _load_corpus(path: str, seq_len: int) -> Corpus:
+    """The ``--corpus`` folder, loaded and checked (exit 2 naming the option when it is
+    missing, unreadable, not a folder, or too small for the split, --seq-len or evaluation)."""
+    if not path:
+        fail("--corpus must be a folder of text files (one domain per file), got ''")
+    root = Path(path)
+    if not root.exists():
+        fail(f"--corpus {root}: not found (a folder of text files, one domain per file)")
+    if not root.is_dir():
+        fail(f"--corpus {root}: not a directory (a folder of text files, one domain per file)")
+    try:
+        corpus = load_corpus_dir(root)
+    except (ValueError, OSError, RuntimeError) as err:
+        message = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        for prefix in (f"corpus {root.name}: ", f"corpus {root}: ", f"corpus {root} "):
+            message = message.removeprefix(prefix)  # the core's own prefix
+        where = f" ({err.filename})" if isinstance(err, OSError) and err.filename else ""
+        fail(f"--corpus {root}: {message}{where}")
+    for domain in corpus.domains:
+        if corpus.train[domain].numel() < seq_len + 2:
+            fail(
+                f"--corpus {root}: domain {domain!r} has {corpus.train[domain].numel()} bytes of "
+                f"training text; --seq-len {seq_len} needs at least {seq_len + 2}"
+            )
+        if corpus.heldout[domain].numel() < EVAL_LEN + 1:
+            fail(
+                f"--corpus {root}: domain {domain!r} has {corpus.heldout[domain].numel()} bytes "
+                f"of held-out text; evaluation needs at least {EVAL_LEN + 1}"
+            )
+    return corpus
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    """Options, validated before any work (exit 2 with one line on stderr on bad input)."""
+    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--config", default="tiny", help="model preset or YAML (default: %(default)s)")
-    p.add_argument("--corpus", default=None, help="folder of text files, one domain per file")
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=400, help="optimiser steps (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=16, help="sequences per step (default: %(default)s)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (%(default)s)")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (%(default)s)")
-    p.add_argument("--warmup", type=int, default=30, help="warm-up steps (default: %(default)s)")
+    p.add_argument(
+        "--corpus", default=None,
+        help="folder of text files, one domain per file (default: Python's docs and stdlib)",
+    )
+    p.add_argument(
+        "--out", default=str(DEFAULT_OUT),
+        help="output folder, created if missing and checked writable before training "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--steps", type=int, default=400,
+        help=f"optimiser steps, 1 to {MAX_STEPS} (default: %(default)s)",
+    )
+    p.add_argument(
+        "--batch", type=int, default=16,
+        help=f"sequences per step, 1 to {MAX_BATCH} (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seq-len", type=int, default=128,
+        help="tokens per sequence, at most the model's max_sequence_length; "
+        f"--batch x --seq-len <= {MAX_TOKENS_PER_STEP} (default: %(default)s)",
+    )
+    p.add_argument(
+        "--lr", type=float, default=3e-3,
+        help=f"peak learning rate, in (0, {MAX_LR}] (default: %(default)s)",
+    )
+    p.add_argument(
+        "--warmup", type=int, default=30, help="warm-up steps, >= 0 (default: %(default)s)"
+    )
     p.add_argument(
         "--aux-loss-coeff", type=float, default=1e-2,
-        help="Megatron moe_aux_loss_coeff (default: %(default)s)",
+        help=f"Megatron moe_aux_loss_coeff, in [0, {MAX_AUX_LOSS_COEFF}] (default: %(default)s)",
     )
-    p.add_argument("--seed", type=int, default=0, help="data and init seed (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
-    p.add_argument("--eval-seqs", type=int, default=EVAL_SEQS, help="held-out seqs per domain")
-    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument(
+        "--seed", type=int, default=0,
+        help="data and init seed, >= 0 (added to the model's init_seed) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=2,
+        help=f"torch threads, 1 to {MAX_THREADS} (default: %(default)s)",
+    )
+    p.add_argument(
+        "--eval-seqs", type=int, default=EVAL_SEQS,
+        help=f"held-out sequences per domain, 1 to {MAX_EVAL_SEQS} (default: %(default)s)",
+    )
+    p.add_argument("--log-every", type=int, default=50, help="steps between log lines (%(default)s)")
     args = p.parse_args(argv)
-    for name in ("steps", "batch", "seq_len", "threads", "eval_seqs"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    bounds = {
+        "steps": (1, MAX_STEPS), "batch": (1, MAX_BATCH), "seq_len": (1, MAX_TOKENS_PER_STEP),
+        "threads": (1, MAX_THREADS), "eval_seqs": (1, MAX_EVAL_SEQS), "warmup": (0, MAX_STEPS),
+        "log_every": (1, MAX_STEPS),
+    }
+    for name, (low, high) in bounds.items():
+        value = getattr(args, name)
+        if not low <= value <= high:
+            fail(f"--{name.replace('_', '-')} must be an integer in [{low}, {high}], got {value}")
+    if not (math.isfinite(args.lr) and 0 < args.lr <= MAX_LR):
+        fail(f"--lr must be a finite number > 0 and <= {MAX_LR}, got {args.lr}")
+    if not (math.isfinite(args.aux_loss_coeff) and 0 <= args.aux_loss_coeff <= MAX_AUX_LOSS_COEFF):
+        fail(
+            f"--aux-loss-coeff must be a finite number >= 0 and <= {MAX_AUX_LOSS_COEFF}, "
+            f"got {args.aux_loss_coeff}"
+        )
+    if args.batch * args.seq_len > MAX_TOKENS_PER_STEP:
+        fail(
+            f"--batch x --seq-len must be <= {MAX_TOKENS_PER_STEP} tokens per step, got "
+            f"{args.batch} x {args.seq_len} = {args.batch * args.seq_len}"
+        )
     try:
         cfg = load_model_config(args.config)
     except ConfigError as err:
-        p.error(str(err))
+        fail(f"--config: {err}")
     if cfg.vocab_size != VOCAB_SIZE:
-        p.error(f"the model's vocab_size must be {VOCAB_SIZE} (byte level), got {cfg.vocab_size}")
+        fail(f"--config: the model's vocab_size must be {VOCAB_SIZE} (byte level), got {cfg.vocab_size}")
+    params = approx_parameters(cfg)
+    if params > MAX_PARAMETERS:
+        fail(
+            f"--config {args.config}: about {params / 1e9:.1f} B parameters; this CPU trainer "
+            f"takes models of at most {MAX_PARAMETERS / 1e9:.0f} B"
+        )
     if args.seq_len > cfg.max_sequence_length:
-        p.error(f"--seq-len exceeds max_sequence_length {cfg.max_sequence_length}")
+        fail(
+            f"--seq-len must be <= the model's max_sequence_length {cfg.max_sequence_length} "
+            f"(--config {args.config}), got {args.seq_len}"
+        )
+    if not 0 <= args.seed < SEED_LIMIT - cfg.init_seed:
+        fail(
+            f"--seed must be an integer in [0, {SEED_LIMIT - 1 - cfg.init_seed}] (the model's "
+            f"init_seed {cfg.init_seed} + --seed < 2**63), got {args.seed}"
+        )
     args.model = cfg.replace(skew="none", dtype="float32", init_seed=cfg.init_seed + args.seed)
+    args.corpus_data = _load_corpus(args.corpus, args.seq_len) if args.corpus is not None else None
+    _check_output_dir(Path(args.out))
     return args
 
 
@@ -207,7 +367,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    corpus = load_corpus_dir(args.corpus) if args.corpus else default_corpus()
+    corpus = args.corpus_data if args.corpus_data is not None else default_corpus()
     cfg = args.model
 
     from megatron.core.transformer.moe.router import TopKRouter
@@ -270,7 +430,7 @@ def main(argv=None) -> int:
     # bf16 weights on disk (about half the size); served in the config's float32.
     model.to(torch.bfloat16)
     save_checkpoint(model, out / "model.safetensors", save_cfg)
-    (out / "config.yaml").write_text(
+    write_text_atomic(out / "config.yaml", 
         "# Model config of the checkpoint beside it (written by scripts/train_tiny.py).\n"
         + yaml.safe_dump(dataclasses.asdict(save_cfg), sort_keys=False)
     )
@@ -288,8 +448,9 @@ def main(argv=None) -> int:
     }
     params = sum(p.numel() for p in eval_model.parameters())
     size = (out / "model.safetensors").stat().st_size
-    (out / "MODEL_CARD.md").write_text(
-        model_card(args, save_cfg, corpus, history, report, wall_s, params, size, command)
+    write_text_atomic(
+        out / "MODEL_CARD.md",
+        model_card(args, save_cfg, corpus, history, report, wall_s, params, size, command),
     )
     metrics = {
         "command": command,
@@ -305,7 +466,7 @@ def main(argv=None) -> int:
         "parameters": params,
         "checkpoint_bytes": size,
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
     for d, r in report.items():
         imb = ", ".join(f"{v:.2f}" for v in r["imbalance"].values())
         print(

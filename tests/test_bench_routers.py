@@ -65,4 +65,4 @@ def test_bad_laser_args_get_a_clear_error(bad, match, capsys):
 def test_bad_threads_get_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         _bench().parse_args(["--threads", "0"])
-    assert "--threads must be >= 1, got 0" in capsys.readouterr().err
+    assert "--threads must be >= 1 and <= 1024, got 0" in capsys.readouterr().err

@@ -31,7 +31,7 @@ from ..telemetry import PHASES
 
 __all__ = [
     "cpu_name", "git_commit", "utc_now", "environment", "table", "quality_table", "write_json",
-    "check_writable", "claim_output", "Report",
+    "check_writable", "claim_output", "write_text_atomic", "Report",
 ]
 
 PACKAGE_DIR = Path(__file__).resolve().parents[2]
@@ -190,11 +190,11 @@ def claim_output(path: Path, *, overwrite: bool, command: list[str]) -> None:
         f.write("\n")
 
 
-def write_json(path: Path, report: dict) -> None:
-    """Write ``report`` to ``path`` atomically: a temporary file in the same folder, flushed
-    to disk, then renamed over ``path``. A failed write (disk full, a killed process) leaves
-    the previous file as it was."""
-    text = json.dumps(report, indent=1, default=str) + "\n"
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically: a temporary file in the same folder, flushed to
+    disk, then renamed over ``path``. A failed write (disk full, a killed process) leaves the
+    previous file as it was and no temporary behind."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -206,6 +206,11 @@ def write_json(path: Path, report: dict) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: Path, report: dict) -> None:
+    """``report`` as indented JSON, written atomically (``write_text_atomic``)."""
+    write_text_atomic(path, json.dumps(report, indent=1, default=str) + "\n")
 
 
 def run_config_dict(config: Any) -> dict[str, Any]:
