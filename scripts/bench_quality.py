@@ -76,9 +76,10 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv=None) -> argparse.Namespace:
     """Options, validated before anything starts (exit 2 with one line on bad input)."""
     p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    # (not --nproc: torchrun, which this script relaunches under, reads that as its own
-    # --nproc-per-node)
-    p.add_argument("--ep", type=int, default=4, help="ranks = EP size (default: %(default)s)")
+    # --nproc is read here only: the relaunch passes it on as --ep, since torchrun would take
+    # "--nproc" for its own --nproc-per-node
+    p.add_argument("--ep", "--nproc", dest="ep", type=int, default=4,
+                   help="ranks = EP size (default: %(default)s)")
     p.add_argument("--seqs", type=int, default=16, help="sequences per domain and rank (%(default)s)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (%(default)s)")
     p.add_argument("--chunk", type=int, default=8, help="sequences per forward (%(default)s)")
@@ -111,6 +112,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def launch(args: argparse.Namespace, argv: list[str]) -> int:
     """Re-run this script under torchrun with ``--ep`` ranks."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    argv = ["--ep" + a[len("--nproc"):] if a == "--nproc" or a.startswith("--nproc=") else a
+            for a in argv]
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         "--nproc-per-node", str(args.ep), __file__, *argv,

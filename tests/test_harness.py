@@ -183,6 +183,63 @@ def test_generation_and_quality_run_in_inference_mode(framework):
     assert set(out["quality"]) == {(False, True)}
 
 
+def _nonfinite_worker(rank, world, framework_name, tmp):
+    """NaN weights in a checkpoint fail the build naming the tensor; a NaN router weight slipped
+    in after the build fails the first step naming the layer."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from moebalance.config import ConfigError
+    from moebalance.harness import get_framework
+    from moebalance.harness.generate import measure
+    from moebalance.runner import NonFiniteLogitsError
+    from moebalance.telemetry import MoERecorder
+
+    framework = get_framework(framework_name)
+    setup = framework.init_distributed(1, 60.0)
+    cfg = load_model_config("tiny").replace(skew="none", num_layers=2, hidden_size=64)
+    build = dict(router="topk", router_params=None, load_scope="local",
+                 dispatcher=framework.dispatchers[0])
+    model = framework.build_model(cfg, setup, checkpoint=None, **build)
+    if framework_name == "megatron":
+        from megatron_patch.model import save_checkpoint
+    else:
+        from deepspeed_patch.model import save_checkpoint
+    path = f"{tmp}/{framework_name}.safetensors"
+    save_checkpoint(model, path, cfg)
+    state = load_file(path)
+    bad_key = "decoder.layers.1.mlp.experts.local_experts.3.linear_fc1.weight"
+    state[bad_key][0, 0] = float("nan")
+    save_file(state, path)
+    out = {}
+    try:
+        framework.build_model(cfg, setup, checkpoint=path, **build)
+    except ConfigError as err:
+        out["checkpoint"] = str(err)
+    router = next(m for m in model.modules() if hasattr(m, "runner"))
+    weight = router.weight if hasattr(router, "weight") else router.wg.weight
+    with torch.no_grad():
+        weight[2, 5] = float("inf")
+    ids = torch.randint(0, cfg.vocab_size, (2, 8))
+    try:
+        measure(framework, model, ids, torch.zeros(2, 8, dtype=torch.bool), gen_len=2,
+                warmup=0, recorder=MoERecorder(setup.device))
+    except NonFiniteLogitsError as err:
+        out["logits"] = str(err)
+    framework.destroy_distributed()
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("framework", ["megatron", "deepspeed"])
+def test_non_finite_weights_and_logits_fail_naming_where(framework, tmp_path):
+    (out,) = run_workers(_nonfinite_worker, 1, framework, str(tmp_path), timeout_s=240)
+    assert out["checkpoint"].endswith(
+        "decoder.layers.1.mlp.experts.local_experts.3.linear_fc1.weight holds NaN or Inf values"
+    )
+    assert out["logits"].startswith("router logits of MoE layer 0 contain NaN or Inf (prefill)")
+
+
 # ----------------------------------------------------------------------------- quality grid
 
 
