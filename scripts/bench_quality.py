@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moebalance.config import ConfigError, read_yaml_mapping  # noqa: E402
+from moebalance.harness.cli import OneLineParser  # noqa: E402
 from moebalance.harness.config import FRAMEWORKS  # noqa: E402
 from moebalance.model_config import load_model_config, trained_checkpoint  # noqa: E402
 from moebalance.policies import make_params  # noqa: E402
@@ -66,16 +67,9 @@ def load_grid(path: str | Path) -> list[tuple[str, str, object]]:
     return grid
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # noqa: D102
-        if os.environ.get("RANK", "0") == "0":
-            print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
-        sys.exit(2)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     """Options, validated before anything starts (exit 2 with one line on bad input)."""
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     # --nproc is read here only: the relaunch passes it on as --ep, since torchrun would take
     # "--nproc" for its own --nproc-per-node
     p.add_argument("--ep", "--nproc", dest="ep", type=int, default=4,

@@ -65,6 +65,7 @@ if str(ROOT / "tests") not in sys.path:
 from laser_reference import laser_reference  # noqa: E402
 from moebalance import metrics  # noqa: E402
 from moebalance.config import ConfigError, RoutingContext, parse_key_values  # noqa: E402
+from moebalance.harness import cli  # noqa: E402
 from moebalance.harness.report import check_writable, cpu_name, write_text_atomic  # noqa: E402
 from moebalance.policies import POLICIES, get_policy, route  # noqa: E402
 from moebalance.policies.gate import gate_weights, score_distribution  # noqa: E402
@@ -93,14 +94,8 @@ MAX_THREADS = 1024  # torch.set_num_threads crashes the process far above this
 
 
 def fail(message: str) -> None:
-    """Exit 2 with one line on stderr (argparse's errors too: no usage block, no traceback)."""
-    print(f"{PROG}: error: {message}".replace("\n", " "), file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # noqa: D102
-        fail(message)
+    """Exit 2 with one line on stderr (``moebalance.harness.cli.fail``)."""
+    cli.fail(PROG, message)
 
 
 def _names(option: str, text: str) -> list[str]:
@@ -157,7 +152,7 @@ def _check_out(out: Path) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Options, validated before any work (exit 2 with one line on stderr on bad input)."""
-    parser = _Parser(prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser = cli.OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--quick", action="store_true", help=f"T in {QUICK_TOKENS}, {QUICK_REPEATS} repeats"
     )

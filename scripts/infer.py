@@ -33,6 +33,7 @@ from moebalance.config import ConfigError  # noqa: E402
 from moebalance.harness import Run, get_framework  # noqa: E402
 from moebalance.harness.framework import quiet_import_warnings  # noqa: E402
 from moebalance.harness.cli import build_parser, run_from_args  # noqa: E402
+from moebalance.harness.cli import fail as cli_fail  # noqa: E402
 from moebalance.harness.data import lockstep_batch, make_prompts, quality_sequences  # noqa: E402
 from moebalance.harness.generate import measure  # noqa: E402
 from moebalance.harness.quality import heldout_quality  # noqa: E402
@@ -44,16 +45,14 @@ from moebalance.telemetry import MoERecorder, gather_to_rank0  # noqa: E402
 PROG = "infer.py"
 
 def fail(message: str) -> None:
-    """Exit 2 with one line on stderr, printed once (by rank 0, or by a plain process)."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"{PROG}: error: {message} (see --help)", file=sys.stderr, flush=True)
-    sys.exit(2)
+    """Exit 2 with one line on stderr, printed once (``moebalance.harness.cli.fail``)."""
+    cli_fail(PROG, f"{message} (see --help)")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> Run:
     """The validated run; exits 2 with a one-line error on bad input."""
     parser = build_parser(PROG, __doc__.split("\n\n")[0])
-    parser.error = fail  # argparse's own errors: the same one line, exit 2
+    parser.error = fail  # argparse's own errors: the same line, with the --help hint
     try:
         run = run_from_args(parser, argv)
     except ConfigError as err:

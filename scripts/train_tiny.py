@@ -50,6 +50,8 @@ from moebalance.corpus import (  # noqa: E402
     load_corpus_dir,
     sample_batch,
 )
+from moebalance.harness import cli  # noqa: E402
+from moebalance.harness.memory import weight_count  # noqa: E402
 from moebalance.harness.report import check_writable, write_text_atomic  # noqa: E402
 from moebalance.model_config import TRAINED_CHECKPOINT_DIR, load_model_config  # noqa: E402
 
@@ -73,30 +75,9 @@ SEED_LIMIT = 2**63  # the model's init_seed + --seed must stay below it
 MAX_PARAMETERS = 10**9  # ~16 GB of float32 weights, gradients and AdamW moments on the CPU
 
 
-def approx_parameters(cfg) -> int:
-    """About how many parameters ``cfg``'s model has (embeddings, attention, MLPs, experts,
-    routers; norms and biases left out): enough to refuse a model that cannot train here."""
-    H, heads = cfg.hidden_size, cfg.num_attention_heads
-    kv = (cfg.num_query_groups or heads) * (H // heads)
-    gated = 3 if cfg.activation == "swiglu" else 2
-    attention = H * (H + 2 * kv) + H * H
-    dense = gated * H * cfg.ffn_hidden_size
-    moe = cfg.num_experts * (gated * H * cfg.expert_ffn_hidden_size + H)
-    moe += gated * H * (cfg.shared_expert_ffn_hidden_size or 0)
-    layers = cfg.first_dense_layers * (attention + dense)
-    layers += (cfg.num_layers - cfg.first_dense_layers) * (attention + moe)
-    return layers + cfg.vocab_size * H * (1 if cfg.tie_embeddings else 2)
-
-
 def fail(message: str) -> None:
-    """Exit 2 with one line on stderr (argparse's errors too: no usage block, no traceback)."""
-    print(f"{PROG}: error: {message}".replace("\n", " "), file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # noqa: D102
-        fail(message)
+    """Exit 2 with one line on stderr (``moebalance.harness.cli.fail``)."""
+    cli.fail(PROG, message)
 
 
 def _check_output_dir(out: Path) -> None:
@@ -153,7 +134,7 @@ def _load_corpus(path: str, seq_len: int) -> Corpus:
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Options, validated before any work (exit 2 with one line on stderr on bad input)."""
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p = cli.OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="tiny", help="model preset or YAML (default: %(default)s)")
     p.add_argument(
         "--corpus", default=None,
@@ -229,7 +210,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         fail(f"--config: {err}")
     if cfg.vocab_size != VOCAB_SIZE:
         fail(f"--config: the model's vocab_size must be {VOCAB_SIZE} (byte level), got {cfg.vocab_size}")
-    params = approx_parameters(cfg)
+    params = weight_count(cfg)
     if params > MAX_PARAMETERS:
         fail(
             f"--config {args.config}: about {params / 1e9:.1f} B parameters; this CPU trainer "

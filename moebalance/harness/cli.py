@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 from typing import Any, Optional
 
 from ..config import parse_key_values
@@ -28,19 +29,39 @@ from .config import (
     run_config_presets,
 )
 
-__all__ = ["build_parser", "run_from_args"]
+__all__ = ["OneLineParser", "fail", "build_parser", "run_from_args"]
+
+
+def fail(prog: str, message: str) -> None:
+    """Exit 2 with ``<prog>: error: <message>`` as one line on stderr, printed once: by rank 0
+    of a torchrun job (RANK unset or 0), so that N ranks do not print N copies."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{prog}: error: {message}".replace("\n", " "), file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse for the project's scripts: errors are one line and exit 2 (``fail``: no usage
+    block, no traceback), and only the documented option names are accepted (no
+    abbreviations: torchrun's parser takes abbreviations of its own options)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:  # noqa: D102
+        fail(self.prog, message)
 
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """The parser: every option defaults to "not given" (``argparse.SUPPRESS``), so that only
     the flags on the command line override the run file."""
     routers = "\n".join(f"  {name:<14} {p.summary}" for name, p in POLICIES.items())
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=prog,
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
-        allow_abbrev=False,  # only the documented names (torchrun takes abbreviations of its own)
         epilog=f"routers:\n{routers}\n\nmodel presets: {', '.join(model_config_presets())}\n"
         f"run presets (--run-config): {', '.join(run_config_presets())}\nskews: {', '.join(SKEWS)}",
     )

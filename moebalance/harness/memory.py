@@ -29,14 +29,14 @@ from ..model_config import ModelConfig
 from ..weights import TORCH_DTYPES
 from .config import Run
 
-__all__ = ["BASE_MIB", "estimate_peak_bytes", "available_bytes", "largest_batch", "check_memory"]
+__all__ = ["BASE_MIB", "weight_count", "estimate_peak_bytes", "available_bytes", "largest_batch", "check_memory"]
 
 BASE_MIB = 1100  # a CPU rank's peak RSS around a tiny model: torch, Megatron-Core, buffers
 RECEIVED_SKEW = 2.0  # tokens a rank's experts receive, as a multiple of the balanced share
 FP32 = 4
 
 
-def _weight_count(cfg: ModelConfig, ep: int) -> int:
+def weight_count(cfg: ModelConfig, ep: int = 1) -> int:
     """Parameters this rank holds (its E / EP experts, every dense parameter)."""
     H, V = cfg.hidden_size, cfg.vocab_size
     head = H // cfg.num_attention_heads
@@ -64,7 +64,7 @@ def estimate_peak_bytes(cfg: ModelConfig, *, batch: int, seq: int, gen: int, ep:
     groups = cfg.num_query_groups or cfg.num_attention_heads
     total = seq + gen
     tokens = batch * seq
-    weights = _weight_count(cfg, ep) * dtype
+    weights = weight_count(cfg, ep) * dtype
     kv_cache = 2 * cfg.num_layers * batch * total * groups * head * dtype
     scores = 3 * batch * cfg.num_attention_heads * seq * seq * FP32 + batch * total * total
     hidden = 8 * tokens * H * FP32
