@@ -1,6 +1,7 @@
-"""Bad command lines of scripts/bench_routers.py and scripts/train_tiny.py: each is refused before
-any work starts with exit 2 and exactly one stderr line ``<prog>: error: <message>`` naming the
-option (no usage block, no traceback); good command lines still parse.
+"""Bad command lines of scripts/bench_routers.py, scripts/train_tiny.py, scripts/infer.py and
+scripts/bench_quality.py: each is refused before any work starts with exit 2 and exactly one
+stderr line ``<prog>: error: <message>`` naming the option (no usage block, no traceback); good
+command lines still parse.
 
 Most cases call the scripts' ``parse_args`` in-process (milliseconds each; every option is
 validated there, the corpus and the output folder included); three run the scripts end to end
@@ -284,3 +285,113 @@ def test_script_exits_2_at_once_without_traceback(prog, argv, option, tmp_path):
     assert done.stdout == ""  # no table, no progress: nothing ran
     assert not out.exists()
     assert elapsed < 30, f"took {elapsed:.1f} s: the error must come before any work"
+
+
+# ----------------------------------------------------------------------------- infer.py
+
+
+INFER_BAD = [
+    # (argv, the option named, what the message says is allowed or wrong)
+    (["--router-args", "renormalize=maybe"], "renormalize", "true or false"),
+    (["--router-args", "prefill_only=maybe"], "prefill_only", "true or false"),
+    (["--router", "laser", "--router-args", "min_score_ratio=abc"], "min_score_ratio", "[0, 1]"),
+    (["--router-args", "capacity_factor=1e300"], "capacity_factor", "number"),
+    (["--router-args", "capacity_factor=1.0e300"], "capacity_factor", "<= 1000000"),
+    (["--router", "laser", "--router-args", "repair_rounds=1000000000"], "repair_rounds", "64"),
+    (["--router-args", "max_experts_per_token=true"], "max_experts_per_token", "integer"),
+    (["--router", "laser", "--router-args", "per_layer=5"], "per_layer", "mapping"),
+    (["--router", "laser", "--router-args", "per_layer=[1, 2]"], "per_layer", "mapping"),
+    (["--router", "laser", "--router-args", "per_layer={x: {}}"], "per_layer", "integer"),
+    (["--router", "laser", "--router-args", "eps_high=nan"], "eps_high", "finite"),
+    (["--batch", "100000000"], "--batch", "the largest --batch that fits is"),
+    (["--batch", "0"], "--batch", ">= 1"),
+    (["--eval-len", "0"], "--eval-len", ">= 1"),
+    (["--timeout", "nan"], "--timeout", "> 0"),
+    (["--framework", "jax"], "--framework", "megatron"),
+    (["--framework", "deepspeed", "--dispatcher", "allgather"], "--dispatcher", "alltoall"),
+    (["--load-scope", "everywhere"], "load_scope", "local"),
+    (["--ep", "0"], "--ep", ">= 1"),
+    (["--set", "bogus=1"], "--set", "allowed"),
+    (["--set", "compare=maybe"], "compare", "true or false"),
+    (["--run-config", "no-such-run"], "--run-config", "presets"),
+    (["--router-args-file", "/nonexistent.yaml"], "--router-args-file", "not found"),
+    (["--run", "demo"], "--run", "unrecognized"),  # no abbreviations
+    (["--config", "tiny", "--skew", "flat"], "--skew", "olmoe"),
+]
+
+
+def _infer():
+    if "infer.py" not in _MODULES:
+        spec = importlib.util.spec_from_file_location("infer_cli", ROOT / "scripts" / "infer.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _MODULES["infer.py"] = module
+    return _MODULES["infer.py"]
+
+
+@pytest.mark.parametrize("argv, option, allowed", INFER_BAD, ids=[" ".join(c[0]) for c in INFER_BAD])
+def test_infer_bad_option_is_a_one_line_error(argv, option, allowed, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        _infer().parse_args(argv)
+    assert exc.value.code == 2
+    line = _one_line_error(capsys, "infer.py", option)
+    assert allowed in line, (allowed, line)
+
+
+def test_infer_output_problems_are_one_line_errors_before_any_work(tmp_path, capsys, monkeypatch):
+    infer = _infer()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.delenv("RANK", raising=False)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    existing = tmp_path / "earlier.json"
+    existing.write_text('{"runs": ["kept"]}\n')
+    for out, message in [
+        (blocker / "out.json", "cannot write there"),
+        ("/proc/out.json", "cannot write there"),
+        (existing, "exists (another run's results); pass --overwrite"),
+    ]:
+        run = infer.parse_args(["--config", "tiny", "--out", str(out)])
+        with pytest.raises(SystemExit) as exc:
+            infer.claim(run, ["infer.py"])
+        assert exc.value.code == 2
+        assert message in _one_line_error(capsys, "infer.py", "--out")
+    assert existing.read_text() == '{"runs": ["kept"]}\n'  # never touched
+    # with --overwrite the folder is checked and the old file kept until results replace it
+    run = infer.parse_args(["--config", "tiny", "--out", str(existing), "--overwrite"])
+    infer.claim(run, ["infer.py"])
+    assert existing.read_text() == '{"runs": ["kept"]}\n'
+    # a fresh path is claimed at once: a second job aiming at it is refused
+    fresh = tmp_path / "fresh.json"
+    run = infer.parse_args(["--config", "tiny", "--out", str(fresh)])
+    infer.claim(run, ["infer.py", "--out", str(fresh)])
+    with pytest.raises(SystemExit):
+        infer.claim(run, ["infer.py", "--out", str(fresh)])
+    assert "partial" in fresh.read_text()
+
+
+BENCH_QUALITY_BAD = [
+    (["--chunk", "0"], "--chunk", ">= 1"),
+    (["--seq-len", "-1"], "--seq-len", ">= 1"),
+    (["--seq-len", "600"], "--seq-len", "max_sequence_length"),
+    (["--ep", "3"], "--ep", "divide"),
+    (["--grid", "/nonexistent.yaml"], "--grid", "not found"),
+    (["--framework", "jax"], "--framework", "choose from"),
+]
+
+
+@pytest.mark.parametrize("argv, option, allowed", BENCH_QUALITY_BAD,
+                         ids=[" ".join(c[0]) for c in BENCH_QUALITY_BAD])
+def test_bench_quality_bad_option_is_a_one_line_error(argv, option, allowed, capsys):
+    if "bench_quality.py" not in _MODULES:
+        spec = importlib.util.spec_from_file_location("bench_quality_cli", ROOT / "scripts" / "bench_quality.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _MODULES["bench_quality.py"] = module
+    with pytest.raises(SystemExit) as exc:
+        _MODULES["bench_quality.py"].parse_args(argv)
+    assert exc.value.code == 2
+    line = _one_line_error(capsys, "bench_quality.py", option)
+    assert allowed in line, (allowed, line)
