@@ -34,6 +34,7 @@ __all__ = [
     "model_config_presets",
     "load_model_config",
     "TRAINED_CHECKPOINT_DIR",
+    "trained_checkpoints",
     "trained_checkpoint",
 ]
 
@@ -249,6 +250,17 @@ def load_model_config(path_or_name: str | Path) -> ModelConfig:
         raise ConfigError(f"model config {path}: {err}") from None
 
 
-def trained_checkpoint() -> tuple[Path, Path]:
-    """(safetensors file, config YAML) of the shipped trained model (``moebalance/checkpoints/tiny-moe``, package data)."""
-    return TRAINED_CHECKPOINT_DIR / "model.safetensors", TRAINED_CHECKPOINT_DIR / "config.yaml"
+def trained_checkpoint(name: str | None = None) -> tuple[Path, Path]:
+    """(safetensors file, config YAML) of a shipped trained model (package data): ``name`` one
+    of ``trained_checkpoints()`` (None: the default, ``moebalance/checkpoints/tiny-moe``)."""
+    folder = TRAINED_CHECKPOINT_DIR if name is None else TRAINED_CHECKPOINT_DIR.parent / name
+    return folder / "model.safetensors", folder / "config.yaml"
+
+
+def trained_checkpoints() -> list[str]:
+    """Names of the shipped trained models (``moebalance/checkpoints/<name>/`` holding a
+    model.safetensors and its config.yaml)."""
+    return sorted(
+        d.name for d in TRAINED_CHECKPOINT_DIR.parent.iterdir()
+        if (d / "model.safetensors").is_file() and (d / "config.yaml").is_file()
+    )

@@ -45,6 +45,19 @@ def test_demo_run_file_is_the_demo_job(monkeypatch):
     assert run.config.checkpoint == str(checkpoint) and run.model == load_model_config(config)
 
 
+def test_trained_models_are_served_by_name(monkeypatch):
+    from moebalance.model_config import trained_checkpoints
+
+    assert "tiny-moe" in trained_checkpoints()
+    for name in trained_checkpoints():
+        run = _run(["--config", name], monkeypatch)
+        checkpoint, config = trained_checkpoint(name)
+        assert run.config.checkpoint == str(checkpoint) and run.model == load_model_config(config)
+        assert run.model.name == name and run.model.skew == "none"
+    run = _run(["--config", "tiny"], monkeypatch)  # a preset: random initialisation
+    assert run.config.checkpoint is None and run.model.skew == "olmoe"
+
+
 def test_flags_override_the_run_file_and_set_overrides_flags(monkeypatch):
     run = _run(
         ["--run-config", "demo", "--batch", "3", "--router", "token_drop",

@@ -16,7 +16,7 @@ import sys
 from typing import Any, Optional
 
 from ..config import parse_key_values
-from ..model_config import SKEWS, model_config_presets
+from ..model_config import SKEWS, model_config_presets, trained_checkpoints
 from ..policies import POLICIES
 from .memory import available_bytes, check_memory
 from .config import (
@@ -62,7 +62,8 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
-        epilog=f"routers:\n{routers}\n\nmodel presets: {', '.join(model_config_presets())}\n"
+        epilog=f"routers:\n{routers}\n\ntrained models (--config): {', '.join(trained_checkpoints())}\n"
+        f"model presets (random init): {', '.join(model_config_presets())}\n"
         f"run presets (--run-config): {', '.join(run_config_presets())}\nskews: {', '.join(SKEWS)}",
     )
     add = parser.add_argument
@@ -75,8 +76,8 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     add("--router-args-file", help="YAML mapping of router parameters (per_layer included)")
     add("--load-scope", help="LASER loads: local or global (EP all-reduce) (default: local)")
     add("--config", "--model", dest="model",
-        help="model preset or YAML path (default: the trained tiny-moe checkpoint's config, or "
-        "with --skew the random-init preset 'tiny')")
+        help="a trained model (tiny-moe, fine-moe), or a model preset or YAML path for a "
+        "randomly initialised model (default: tiny-moe; with --skew the preset 'tiny')")
     add("--skew", help="override the model config's skew: " + ", ".join(SKEWS))
     add("--checkpoint", help="canonical safetensors checkpoint (default: the trained tiny-moe)")
     add("--framework", help=f"one of {FRAMEWORKS} (default: megatron)")

@@ -19,7 +19,13 @@ from typing import Any, Optional
 
 
 from ..config import ConfigError, parse_key_values, read_yaml_mapping
-from ..model_config import SKEWS, ModelConfig, load_model_config, trained_checkpoint
+from ..model_config import (
+    SKEWS,
+    ModelConfig,
+    load_model_config,
+    trained_checkpoint,
+    trained_checkpoints,
+)
 from ..policies import POLICIES, make_params
 from ..runner import check_load_scope
 from ..weights import check_checkpoint_file
@@ -46,9 +52,10 @@ class RunConfig:
     """One expert-parallel inference run (``scripts/infer.py``).
 
     Attributes:
-        model: model preset name or YAML path (None: the trained checkpoint's config; with
-            ``skew`` alone the random-init preset "tiny"; with ``checkpoint``, a config.yaml
-            beside it when there is one).
+        model: a shipped trained model's name (``tiny-moe``, ``fine-moe``: its checkpoint and
+            config), a model preset name or a YAML path (random initialisation). None: the
+            default trained tiny-moe; with ``skew`` alone the random-init preset "tiny"; with
+            ``checkpoint``, a config.yaml beside it when there is one.
         checkpoint: canonical safetensors checkpoint (None: the trained default model unless
             ``model`` or ``skew`` is given).
         skew: override the model config's skew ("none" or a workload preset).
@@ -210,8 +217,10 @@ class Run:
 def _model(cfg: RunConfig) -> tuple[RunConfig, ModelConfig]:
     """The model config and the checkpoint it is served from (see ``RunConfig.model``)."""
     model_name, checkpoint = cfg.model, cfg.checkpoint
-    if model_name is None and checkpoint is None and cfg.skew is None:
-        default_checkpoint, default_config = trained_checkpoint()
+    if checkpoint is None and cfg.skew is None and (
+        model_name is None or model_name in trained_checkpoints()
+    ):  # a shipped trained model: its weights and the config beside them
+        default_checkpoint, default_config = trained_checkpoint(model_name)
         checkpoint, model_name = str(default_checkpoint), str(default_config)
     elif model_name is None:
         beside = Path(checkpoint).parent / "config.yaml" if checkpoint else None
