@@ -32,8 +32,7 @@ import datetime
 import heapq
 import json
 import math
-import os
-import tempfile
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from typing import Any
 import torch
 
 from .config import ConfigError
+from .files import write_text_atomic
 
 __all__ = [
     "PLAN_FORMAT",
@@ -74,6 +74,10 @@ _REL_TOL = 1e-9
 _MAX_MOVES = 256
 # candidate experts per side of a replica-count move, besides those on the peak rank(s)
 _MOVE_CANDIDATES = 6
+# most replicas one move of the local search transfers between two experts
+_MAX_STEP = 3
+# caps tried as starting points of the local search (``_starting_counts``)
+_STARTS = 16
 # the exact solver refuses problems with more integer variables than this (it would not finish)
 MAX_EXACT_VARIABLES = 20000
 
@@ -518,8 +522,8 @@ def _better(a: tuple[float, int, float], b: tuple[float, int, float]) -> bool:
 
 def _search_counts(loads: list[float], counts: list[int], num_ranks: int,
                    num_nodes: int) -> tuple[list[int], list[int], tuple[float, int, float]]:
-    """Local search over replica counts from ``counts``: move one replica from a donor expert to
-    a recipient, re-pack (greedy + swaps), accept the first move that improves the score; stop
+    """Local search over replica counts from ``counts``: move one replica (or, when no single
+    move helps, 2 .. _MAX_STEP at once) from a donor expert to a recipient, re-pack (greedy + swaps), accept the first move that improves the score; stop
     when none does. Candidates: the experts on the peak rank(s) on both sides, plus the heaviest
     replicas as recipients and the experts that lose least by giving one up as donors."""
 
@@ -545,23 +549,71 @@ def _search_counts(loads: list[float], counts: list[int], num_ranks: int,
         donors = [e for e in dict.fromkeys(cheapest[:_MOVE_CANDIDATES] + on_peak)
                   if counts[e] > 1]
         moved = False
-        for b in recipients:
-            for a in donors:
-                if a == b:
-                    continue
-                trial = list(counts)
-                trial[a] -= 1
-                trial[b] += 1
-                t_experts, t_assign, t_score = evaluate(trial)
-                if _better(t_score, score):
-                    counts, experts, assign, score = trial, t_experts, t_assign, t_score
-                    moved = True
+        for step in range(1, _MAX_STEP + 1):  # larger transfers only when single ones fail
+            for b in recipients:
+                for a in donors:
+                    if a == b or counts[a] <= step:
+                        continue
+                    trial = list(counts)
+                    trial[a] -= step
+                    trial[b] += step
+                    t_experts, t_assign, t_score = evaluate(trial)
+                    if _better(t_score, score):
+                        counts, experts, assign, score = trial, t_experts, t_assign, t_score
+                        moved = True
+                        break
+                if moved:
                     break
             if moved:
                 break
         if not moved:
             break
     return experts, assign, score
+
+
+def _threshold_counts(loads: list[float], num_slots: int, cap: float) -> list[int] | None:
+    """Replica counts keeping every replica <= ``cap`` (fewest such), the spare slots going one
+    at a time to the unsplit expert with the largest load (ties: lowest index), so that they
+    shrink the small slots that share ranks with the big ones. None if more than P slots."""
+    counts = [max(1, math.ceil(value / cap - 1e-12)) for value in loads]
+    spare = num_slots - sum(counts)
+    if spare < 0:
+        return None
+    unsplit = [e for e, c in enumerate(counts) if c == 1] or list(range(len(loads)))
+    heap = [(-loads[e], e) for e in unsplit]
+    heapq.heapify(heap)
+    for _ in range(spare):
+        _, e = heapq.heappop(heap)
+        counts[e] += 1
+        heapq.heappush(heap, (-loads[e] / counts[e], e))
+    return counts
+
+
+def _starting_counts(loads: list[float], num_slots: int, num_ranks: int,
+                     num_nodes: int) -> list[int]:
+    """The best-scoring start for the local search among EPLB's greedy counts and
+    ``_threshold_counts`` for up to _STARTS caps (load_e / k for k = 1 .. EP, between the least
+    possible largest replica and the largest load, evenly spread over their sorted values). Single
+    replica moves from EPLB's counts can stall where the optimum has fewer replicas of a hot
+    expert (e.g. loads [108, 6418, 566] on 4 ranks x 2 slots: 6 -> 4 replicas of the hot one)."""
+    greedy = replicate_greedy(torch.tensor(loads, dtype=torch.float64), num_slots).tolist()
+    floor = max(v / c for v, c in zip(loads, greedy))
+    caps = sorted({v / k for v in loads for k in range(1, num_ranks + 1)
+                   if v > 0 and floor * (1 - _REL_TOL) <= v / k})
+    if len(caps) > _STARTS:
+        caps = [caps[round(i * (len(caps) - 1) / (_STARTS - 1))] for i in range(_STARTS)]
+    best, best_score = greedy, None
+    seen = set()
+    for counts in [greedy] + [_threshold_counts(loads, num_slots, cap) for cap in caps]:
+        if counts is None or tuple(counts) in seen:
+            continue
+        seen.add(tuple(counts))
+        _, weights = _items(counts, loads)
+        score = _score(weights, _pack_hierarchical(weights, num_ranks, num_nodes, improve=True),
+                       num_ranks)
+        if best_score is None or _better(score, best_score):
+            best, best_score = counts, score
+    return best
 
 
 def plan_placement(load: torch.Tensor, num_slots: int, num_ranks: int, method: str = "search",
@@ -588,7 +640,7 @@ def plan_placement(load: torch.Tensor, num_slots: int, num_ranks: int, method: s
         return baseline
     loads = load.tolist()
     experts, assign, _ = _search_counts(
-        loads, replicate_greedy(load, num_slots).tolist(), num_ranks, num_nodes
+        loads, _starting_counts(loads, num_slots, num_ranks, num_nodes), num_ranks, num_nodes
     )
     searched = placement_from_ranks(experts, assign, load.numel(), num_ranks)
     best = searched if _rank_peak(searched, load) < _rank_peak(baseline, load) * (1 - _REL_TOL) \
@@ -608,7 +660,8 @@ def solve_exact(load: torch.Tensor, num_slots: int, num_ranks: int, *, time_limi
     """The placement of load [E] minimising the peak rank load, by a MILP
     (``scipy.optimize.milp``, HiGHS).
 
-    Variables: y[e, k] = 1 when expert e has k replicas (k = 1 .. P - E + 1, one k per expert);
+    Variables: y[e, k] = 1 when expert e has k replicas (k = 1 .. P - E + 1, one k per expert;
+    with ``upper`` only k >= ceil(load_e / upper), the rest capped by the others' minimums);
     z[e, k, r] = replicas of e on rank r when it has k (0 .. min(k, S), summing to k y[e, k]);
     T >= each rank's load sum_{e,k} load_e / k * z[e, k, r] (linear: the division is by the
     enumerated k); every rank holds S slots; rank loads are ordered (symmetry breaking); minimise
@@ -626,20 +679,29 @@ def solve_exact(load: torch.Tensor, num_slots: int, num_ranks: int, *, time_limi
     num_experts = load.numel()
     _check_sizes(num_experts, num_slots, num_ranks)
     slots_per_rank = num_slots // num_ranks
-    kmax = num_slots - num_experts + 1
     scale = float(load.sum()) / num_ranks or 1.0
     values = (load / scale).tolist()
-    n_y = num_experts * kmax
+    # replica counts k per expert: with a known achievable peak U, any plan at least as good
+    # keeps each replica <= U, so k >= ceil(load / U), and the others' minimums cap k
+    if upper is not None and upper > 0:
+        kmin = [max(1, math.ceil(v / (upper / scale) * (1 - 1e-9))) for v in values]
+    else:
+        kmin = [1] * num_experts
+    if sum(kmin) > num_slots:
+        kmin = [1] * num_experts
+    kmax = [num_slots - sum(kmin) + kmin[e] for e in range(num_experts)]
+    pairs = [(e, k) for e in range(num_experts) for k in range(kmin[e], kmax[e] + 1)]
+    n_y = len(pairs)
     n_z = n_y * num_ranks
     if n_y + n_z > MAX_EXACT_VARIABLES:
         _fail(f"exact placement: {n_y + n_z} integer variables exceed {MAX_EXACT_VARIABLES}; use "
               "method 'search' for this size")
 
-    def y(e: int, k: int) -> int:  # k in 1..kmax
-        return 1 + e * kmax + (k - 1)
+    def y(j: int) -> int:  # j indexes pairs
+        return 1 + j
 
-    def z(e: int, k: int, r: int) -> int:
-        return 1 + n_y + (e * kmax + (k - 1)) * num_ranks + r
+    def z(j: int, r: int) -> int:
+        return 1 + n_y + j * num_ranks + r
 
     n_var = 1 + n_y + n_z
     rows, cols, data, lo, hi = [], [], [], [], []
@@ -653,27 +715,24 @@ def solve_exact(load: torch.Tensor, num_slots: int, num_ranks: int, *, time_limi
         lo.append(low)
         hi.append(high)
 
-    ks = range(1, kmax + 1)
     for e in range(num_experts):
-        add([(y(e, k), 1.0) for k in ks], 1, 1)
-        for k in ks:
-            add([(z(e, k, r), 1.0) for r in range(num_ranks)] + [(y(e, k), -float(k))], 0, 0)
-    rank_terms = [[(z(e, k, r), values[e] / k) for e in range(num_experts) for k in ks]
+        add([(y(j), 1.0) for j, (pe, _) in enumerate(pairs) if pe == e], 1, 1)
+    for j, (e, k) in enumerate(pairs):
+        add([(z(j, r), 1.0) for r in range(num_ranks)] + [(y(j), -float(k))], 0, 0)
+    rank_terms = [[(z(j, r), values[e] / k) for j, (e, k) in enumerate(pairs)]
                   for r in range(num_ranks)]
     for r in range(num_ranks):
-        add([(z(e, k, r), 1.0) for e in range(num_experts) for k in ks],
-            slots_per_rank, slots_per_rank)
+        add([(z(j, r), 1.0) for j in range(n_y)], slots_per_rank, slots_per_rank)
         add(rank_terms[r] + [(0, -1.0)], -np.inf, 0)
-        if r + 1 < num_ranks:
+        if r + 1 < num_ranks:  # symmetry breaking: rank loads non-increasing
             add(rank_terms[r] + [(col, -c) for col, c in rank_terms[r + 1]], 0, np.inf)
     matrix = coo_array((data, (rows, cols)), shape=(len(lo), n_var)).tocsr()
     lower = np.zeros(n_var)
     upper_b = np.ones(n_var)
     upper_b[0] = np.inf if upper is None else upper / scale * (1 + 1e-7)
-    for e in range(num_experts):
-        for k in ks:
-            for r in range(num_ranks):
-                upper_b[z(e, k, r)] = min(k, slots_per_rank)
+    for j, (e, k) in enumerate(pairs):
+        for r in range(num_ranks):
+            upper_b[z(j, r)] = min(k, slots_per_rank)
     integrality = np.ones(n_var)
     integrality[0] = 0
     cost = np.zeros(n_var)
@@ -685,11 +744,10 @@ def solve_exact(load: torch.Tensor, num_slots: int, num_ranks: int, *, time_limi
         return None, False
     x = np.rint(result.x).astype(np.int64)
     experts, ranks = [], []
-    for e in range(num_experts):
-        for k in ks:
-            for r in range(num_ranks):
-                experts += [e] * int(x[z(e, k, r)])
-                ranks += [r] * int(x[z(e, k, r)])
+    for j, (e, _) in enumerate(pairs):
+        for r in range(num_ranks):
+            experts += [e] * int(x[z(j, r)])
+            ranks += [r] * int(x[z(j, r)])
     return placement_from_ranks(experts, ranks, num_experts, num_ranks), result.status == 0
 
 
@@ -780,8 +838,8 @@ def choose_int8(placement: Placement, importance: torch.Tensor, full_bytes: torc
 
 def save_plan(path: str | Path, plans: Mapping[int, Placement], provenance: Mapping[str, Any]) -> None:
     """Write ``plans`` ({layer: Placement}) and their calibration ``provenance`` (model, data,
-    command; date added when missing, UTC ISO) to ``path`` as JSON, atomically (a temporary file
-    beside it, then ``os.replace``)."""
+    command; date added when missing, UTC ISO) to ``path`` as JSON, atomically
+    (``moebalance.files.write_text_atomic``)."""
     if not plans:
         _fail("save_plan: no layers to save")
     missing = [key for key in ("model", "data", "command") if key not in provenance]
@@ -808,19 +866,10 @@ def save_plan(path: str | Path, plans: Mapping[int, Placement], provenance: Mapp
             for layer, p in sorted(plans.items())
         },
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(document, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # one line per list of integers: readable, and 10x shorter than one number per line
+    text = re.sub(r"\[[-\d,\s]*\]", lambda m: " ".join(m.group(0).split()),
+                  json.dumps(document, indent=1))
+    write_text_atomic(Path(path), text + "\n")
 
 
 def load_plan(path: str | Path, num_experts: int | None = None, num_ranks: int | None = None

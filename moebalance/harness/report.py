@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError
+from ..files import write_text_atomic
 from ..parallel import ParallelSetup
 from ..telemetry import PHASES
 
@@ -188,24 +189,6 @@ def claim_output(path: Path, *, overwrite: bool, command: list[str]) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump({"command": command, "partial": True, "runs": []}, f)
         f.write("\n")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically: a temporary file in the same folder, flushed to
-    disk, then renamed over ``path``. A failed write (disk full, a killed process) leaves the
-    previous file as it was and no temporary behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_json(path: Path, report: dict) -> None:
