@@ -375,8 +375,17 @@ class RoutingContext:
     EP-global is computed by the adapter and passed in here.
 
     Attributes:
-        ep_rank, ep_size: this rank in the expert-parallel group; experts live contiguously,
-            expert e on rank e // (E / ep_size).
+        ep_rank, ep_size: this rank in the expert-parallel group. Without a layout (below)
+            experts live contiguously, expert e on rank e // (E / ep_size).
+        local_experts: optional [E] bool, the expert layout as this rank sees it: the logical
+            experts with at least one replica (physical slot) on this rank. Expanded drop offers
+            these to every token. None = the contiguous layout: [r * E/EP, (r + 1) * E/EP).
+        expert_group: optional [E] int64 in [0, ep_size): the EP rank each logical expert counts
+            against, one per expert even when its replicas span several ranks (the rank of its
+            first replica; ``replicas.layout_for_rank``): token drop's ``scope="device"`` caps
+            each group, load-only deals its ties from this rank's group onwards. None = e // (E/EP).
+            ``local_experts`` and ``expert_group`` come together (a layout) or not at all; with a
+            layout E need not be divisible by ep_size.
         expert_load: optional [E] load already on each expert (e.g. EP-global counts from other
             ranks) that LASER's least-loaded choice starts from; finite and >= 0 (checked by
             ``validate``, for CUDA tensors only on request: see there).
@@ -393,6 +402,8 @@ class RoutingContext:
     decode: bool = False
     layer: int | None = None
     seed: int = 0
+    local_experts: torch.Tensor | None = None
+    expert_group: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         _require(
@@ -420,6 +431,19 @@ class RoutingContext:
                 self.expert_bias.is_floating_point(),
                 f"expert_bias must be a floating-point tensor, got {self.expert_bias.dtype}",
             )
+        _require(
+            (self.local_experts is None) == (self.expert_group is None),
+            "local_experts and expert_group must be given together (an expert layout) or both None",
+        )
+        for name, vec, dtype in (
+            ("local_experts", self.local_experts, torch.bool),
+            ("expert_group", self.expert_group, torch.int64),
+        ):
+            _require(
+                vec is None or (isinstance(vec, torch.Tensor) and vec.dtype == dtype),
+                f"{name} must be a {dtype} tensor of shape [num_experts] or None, got "
+                f"{vec.dtype if isinstance(vec, torch.Tensor) else type(vec).__name__}",
+            )
         _require_bool("decode", self.decode)
         _require(
             self.layer is None or (_is_int(self.layer) and self.layer >= 0),
@@ -435,13 +459,17 @@ class RoutingContext:
         call) checks the values only of tensors on the CPU, which costs microseconds and no
         stream synchronisation; a CUDA tensor's values are then not read (they come from the
         adapter's own all-reduce of routing counts). True checks them wherever they live (one
-        host synchronisation per CUDA tensor: for debugging). False never reads them.
+        host synchronisation per CUDA tensor: for debugging). False never reads them. The
+        layout (``local_experts``, ``expert_group``) is checked the same way: shapes always,
+        values (groups in [0, ep_size), every expert of this rank's group local) per this rule.
         """
         E = gate.num_experts
         _require(
-            E % self.ep_size == 0,
+            E % self.ep_size == 0 or self.expert_group is not None,
             f"num_experts={E} must be divisible by the EP size (ep_size={self.ep_size})",
         )
+        if self.expert_group is not None:
+            self._validate_layout(E, check_values)
         for name, vec in (("expert_load", self.expert_load), ("expert_bias", self.expert_bias)):
             if vec is not None:
                 _require(
@@ -459,6 +487,33 @@ class RoutingContext:
             _require(
                 gate.score_function != "softmax",
                 "expert_bias is only supported with score_function 'sigmoid' or 'sqrtsoftplus'",
+            )
+
+    def _validate_layout(self, E: int, check_values: bool | None) -> None:
+        """Shapes of ``local_experts`` and ``expert_group``, and their values per ``validate``."""
+        local, group = self.local_experts, self.expert_group
+        for name, vec in (("local_experts", local), ("expert_group", group)):
+            _require(
+                vec.dim() == 1 and vec.shape[0] == E,
+                f"{name} must have shape [num_experts={E}], got {tuple(vec.shape)}",
+            )
+        _require(
+            local.device == group.device,
+            f"local_experts and expert_group must be on one device, got {local.device} and "
+            f"{group.device}",
+        )
+        if check_values or (check_values is None and group.device.type == "cpu"):
+            lo, hi = (x.item() for x in group.aminmax())
+            _require(
+                0 <= lo and hi < self.ep_size,
+                f"expert_group must hold EP ranks in [0, ep_size={self.ep_size}), got min {lo} "
+                f"and max {hi}",
+            )
+            stray = (group == self.ep_rank) & ~local
+            _require(
+                not stray.any().item(),
+                "local_experts must hold every expert of this rank's group "
+                f"(ep_rank={self.ep_rank}); missing {stray.nonzero().flatten().tolist()}",
             )
 
 

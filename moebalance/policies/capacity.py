@@ -19,6 +19,7 @@ from .topk_routing import topk_indices
 __all__ = [
     "expert_capacity",
     "keep_top_per_group",
+    "keep_top_per_expert_group",
     "keep_top_per_column",
     "token_drop",
     "expanded_drop",
@@ -63,11 +64,34 @@ def keep_top_per_group(
     ``capacity`` pairs. One sort of the T * m unique keys (group, priority, token) and a rank
     within each group: no dense [T, E] pass, no host synchronisation.
     """
-    T, m = expert_idx.shape
     groups = num_experts // group_size
+    return _keep_top_in_groups(expert_idx // group_size, priority, groups, capacity)
+
+
+def keep_top_per_expert_group(
+    expert_idx: torch.Tensor,
+    priority: torch.Tensor,
+    expert_group: torch.Tensor,
+    num_groups: int,
+    capacity: torch.Tensor,
+) -> torch.Tensor:
+    """[T, m] bool: ``keep_top_per_group`` for any grouping of the experts.
+
+    expert_idx, priority: as ``keep_top_per_group``; expert_group: [E] int64, the group of each
+    expert, in [0, num_groups); capacity: [num_groups] int64, the pairs each group may keep.
+    """
+    return _keep_top_in_groups(expert_group[expert_idx], priority, num_groups, capacity)
+
+
+def _keep_top_in_groups(
+    group: torch.Tensor, priority: torch.Tensor, groups: int, capacity: int | torch.Tensor
+) -> torch.Tensor:
+    """[T, m] bool: in each of ``groups`` groups (group: [T, m] int64 group of each candidate),
+    keep the ``capacity`` (an int, or [groups] int64 per group) candidates of highest priority."""
+    T, m = group.shape
     _check_key_range(T, groups)
     valid = torch.isfinite(priority)
-    group = torch.where(valid, expert_idx // group_size, torch.full_like(expert_idx, groups))
+    group = torch.where(valid, group, torch.full_like(group, groups))
     key = _candidate_keys(group, priority).reshape(-1)
     # keys are unique (the token is in them): the sorted keys carry the group, no gather needed
     sorted_key, order = torch.sort(key)
@@ -75,6 +99,8 @@ def keep_top_per_group(
     counts = torch.bincount(sorted_group, minlength=groups + 1)
     first = torch.cumsum(counts, dim=0) - counts
     rank = torch.arange(key.numel(), device=key.device) - first.gather(0, sorted_group)
+    if isinstance(capacity, torch.Tensor):  # one capacity per group; the invalid group keeps 0
+        capacity = torch.cat([capacity, capacity.new_zeros(1)]).gather(0, sorted_group)
     keep_sorted = (rank < capacity) & (sorted_group < groups)
     return torch.empty_like(keep_sorted).scatter_(0, order, keep_sorted).view(T, m)
 
@@ -157,6 +183,9 @@ def token_drop(
     together (``scope="device"``) over capacity keeps the top entries by the drop policy and drops
     the rest. Kept weights are the vanilla ones (or rescaled to the token's original sum when
     ``renormalize``). Tokens that lose every expert pass through the residual only.
+
+    Device scope groups the experts by ``ctx.expert_group`` when the context gives a layout (a
+    group of n experts keeps ceil(n * gamma * T * k / E)), else contiguously (E / EP per rank).
     """
     ctx = ctx or RoutingContext()
     params = params or TokenDropParams()
@@ -166,15 +195,22 @@ def token_drop(
         return base
     T, E = base.routing_map.shape
     capacity = expert_capacity(T, gate, params.capacity_factor)
-    group = 1
-    if params.scope == "device":
-        group = E // ctx.ep_size
-        group_capacity = math.ceil(group * params.capacity_factor * T * gate.topk / E)
-    else:
-        group_capacity = capacity
     valid = torch.ones_like(idx, dtype=torch.bool)
     pri = _priority(dist, idx, valid, params.drop_policy, ctx.seed)
-    kept = keep_top_per_group(idx, pri, group, group_capacity, E)
+    if params.scope == "device" and ctx.expert_group is not None:
+        group = ctx.expert_group.to(logits.device)
+        size = torch.bincount(group, minlength=ctx.ep_size)
+        # the contiguous formula, left to right in float64 (as Python's float), per group
+        group_capacity = (size.double() * params.capacity_factor * T * gate.topk / E).ceil_().long()
+        kept = keep_top_per_expert_group(idx, pri, group, ctx.ep_size, group_capacity)
+    else:
+        group = 1
+        if params.scope == "device":
+            group = E // ctx.ep_size
+            group_capacity = math.ceil(group * params.capacity_factor * T * gate.topk / E)
+        else:
+            group_capacity = capacity
+        kept = keep_top_per_group(idx, pri, group, group_capacity, E)
     keep = torch.zeros_like(base.routing_map).scatter_(1, idx, kept)
     probs = base.probs * keep  # (a float x bool product is the cheapest masking on CPU)
     if params.renormalize:
@@ -197,8 +233,9 @@ def expanded_drop(
 ) -> Routing:
     """Capacity-aware expanded drop. logits [T, E] -> Routing (a token may get more than k).
 
-    Candidates: each token's top-k plus every expert hosted on this EP rank
-    (experts [rank * E/EP, (rank + 1) * E/EP)). Each expert keeps its C best candidates by score
+    Candidates: each token's top-k plus every expert hosted on this EP rank: ``ctx.local_experts``
+    (replicas included) when the context gives a layout, else the contiguous
+    [rank * E/EP, (rank + 1) * E/EP). Each expert keeps its C best candidates by score
     S[t, e]; optionally each token then keeps at most ``max_experts_per_token``. Weights are the
     scores S of the kept experts, renormalised per token when ``renormalize``. With EP = 1 every
     expert is local: expert-choice routing with capacity C.
@@ -210,15 +247,23 @@ def expanded_drop(
     if params.prefill_only and ctx.decode:
         return _vanilla_routing(logits, gate, idx, scores)
     T, E = logits.shape
-    per_rank = E // ctx.ep_size
-    lo, hi = ctx.ep_rank * per_rank, (ctx.ep_rank + 1) * per_rank
     capacity = expert_capacity(T, gate, params.capacity_factor)
+    local = None
+    if ctx.local_experts is not None:
+        local = ctx.local_experts.to(logits.device)
+        remote = ~local[idx]
+    else:
+        per_rank = E // ctx.ep_size
+        lo, hi = ctx.ep_rank * per_rank, (ctx.ep_rank + 1) * per_rank
+        remote = (idx < lo) | (idx >= hi)
     # a remote expert's candidates are the tokens whose top-k holds it: token drop among those
-    remote = (idx < lo) | (idx >= hi)
     kept = keep_top_per_group(idx, _priority(scores, idx, remote, "score", ctx.seed), 1, capacity, E)
     keep = torch.zeros(T, E, dtype=torch.bool, device=logits.device).scatter_(1, idx, kept)
     # a local expert's candidates are all tokens
-    keep[:, lo:hi] = keep_top_per_column(scores[:, lo:hi], capacity)
+    if local is None:
+        keep[:, lo:hi] = keep_top_per_column(scores[:, lo:hi], capacity)
+    else:  # every column ranked, local ones taken: counting the local experts would sync
+        keep = torch.where(local, keep_top_per_column(scores, capacity), keep)
     m = params.max_experts_per_token
     if m is not None and m < E:
         row_pri = torch.where(keep, scores, torch.full_like(scores, float("-inf")))

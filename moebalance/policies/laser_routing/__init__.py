@@ -43,12 +43,13 @@ from ...routing import Routing
 from .blocked import block_bounds, blocked_assign
 from .plan import LaserPlan, finish_routing, laser_plan
 from .price import price_assign
-from .water_level import capped_water_level, load_only_indices
+from .water_level import capped_water_level, layout_tie_order, load_only_indices
 
 __all__ = [
     "laser",
     "capped_water_level",
     "load_only_indices",
+    "layout_tie_order",
     "laser_plan",
     "LaserPlan",
     "finish_routing",
@@ -77,7 +78,11 @@ def laser(
         base = torch.zeros(E, dtype=torch.float32, device=logits.device)
         if ctx.expert_load is not None:
             base = base + ctx.expert_load.to(device=logits.device, dtype=torch.float32)
-        idx = load_only_indices(logits.shape[0], gate, base, ctx.ep_rank * (E // ctx.ep_size))
+        if ctx.expert_group is None:  # contiguous: ties from this rank's first expert onwards
+            idx = load_only_indices(logits.shape[0], gate, base, ctx.ep_rank * (E // ctx.ep_size))
+        else:
+            ties = layout_tie_order(ctx.local_experts, ctx.expert_group, ctx.ep_rank, ctx.ep_size)
+            idx = load_only_indices(logits.shape[0], gate, base, tie_order=ties)
         every = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
         return finish_routing(logits, gate, idx, every, idx)
     vanilla_idx, flexible, pool_idx, valid, load, dist = laser_plan(logits, gate, params, ctx)

@@ -11,7 +11,7 @@ import torch
 
 from ...config import GateConfig
 
-__all__ = ["capped_water_level", "load_only_indices"]
+__all__ = ["capped_water_level", "load_only_indices", "layout_tie_order"]
 
 
 def capped_water_level(base: torch.Tensor, need: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
@@ -36,7 +36,11 @@ def capped_water_level(base: torch.Tensor, need: torch.Tensor, limit: torch.Tens
 
 
 def load_only_indices(
-    num_tokens: int, gate: GateConfig, base: torch.Tensor, first_expert: int = 0
+    num_tokens: int,
+    gate: GateConfig,
+    base: torch.Tensor,
+    first_expert: int = 0,
+    tie_order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[T, k] experts of the load-only router: every token k distinct experts, maximum load minimal.
 
@@ -44,7 +48,9 @@ def load_only_indices(
     (each expert at most T more, one per token) holds the T k assignments; every expert is
     filled to L - 1 and just enough of them to L (the least loaded first; ties from expert
     ``first_expert`` onwards, the calling EP rank's first local expert, so that ranks spread
-    the extra ones). The T k slots are then laid out expert by expert and dealt to tokens
+    the extra ones; ``tie_order``, an [E] permutation of the experts, gives that order instead
+    when the layout is not contiguous: ``layout_tie_order``). The T k slots are then laid out
+    expert by expert and dealt to tokens
     column by column (McNaughton's wrap-around): slot j of token t is position j T + t, so a
     token never gets an expert twice because no expert holds more than T slots. The maximum
     load is the least possible, which the sequential greedy can only match. Scores are
@@ -60,7 +66,10 @@ def load_only_indices(
     short = need - counts.sum()
     # experts that can take one more at ``level``: least loaded first, ties from this rank's
     # first local expert onwards (EP ranks spread their extra slots, each over its own experts)
-    rotated = (torch.arange(E, device=dev) + first_expert) % E
+    if tie_order is None:
+        rotated = (torch.arange(E, device=dev) + first_expert) % E
+    else:
+        rotated = tie_order.to(dev)
     order = rotated[torch.argsort(base[rotated], stable=True)]
     can_sorted = ((base <= level - 1) & (counts < limit))[order]
     extra_sorted = can_sorted & (torch.cumsum(can_sorted.long(), 0) <= short)
@@ -70,3 +79,20 @@ def load_only_indices(
         torch.arange(E, device=dev), counts, output_size=num_tokens * k
     )
     return slots.view(k, num_tokens).t()
+
+
+def layout_tie_order(
+    local_experts: torch.Tensor, expert_group: torch.Tensor, ep_rank: int, ep_size: int
+) -> torch.Tensor:
+    """[E] int64, the experts in load-only's tie order for an expert layout: this rank's local
+    experts first, then the groups of the following ranks in turn ((group - ep_rank) mod
+    ep_size), by index within each. For the contiguous layout (group e // (E/EP), local = own
+    group) it is the rotation from this rank's first expert, which ``load_only_indices`` uses
+    without a layout.
+
+    local_experts: [E] bool; expert_group: [E] int64 in [0, ep_size) (``RoutingContext``).
+    """
+    E = expert_group.shape[0]
+    distance = torch.where(local_experts, 0, (expert_group - ep_rank) % ep_size)
+    experts = torch.arange(E, device=expert_group.device)
+    return torch.argsort(distance * E + experts)  # unique keys: a deterministic order
