@@ -17,7 +17,7 @@ import torch
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.sharded_moe import TopKGate
 
-from moebalance.parallel import torchrun_environment
+from moebalance.parallel import default_group_timeout, rendezvous, torchrun_environment
 
 from .gate import BalancedGate
 
@@ -146,10 +146,14 @@ def init_distributed_cpu(timeout_s: float = 300.0, *, verbose: bool = False) -> 
       RANK / WORLD_SIZE a single-process world with a free MASTER_PORT (DeepSpeed otherwise
       tries MPI discovery).
     - The backend is the accelerator's (``gloo`` on CPU, ``nccl`` on CUDA); collectives time out
-      after ``timeout_s`` seconds instead of hanging.
+      after ``timeout_s`` seconds instead of hanging, on the default group and on every group
+      created later (DeepSpeed's EP groups are ``new_group(ranks)`` without a timeout, which
+      would otherwise get torch's 30 minutes: ``moebalance.parallel.default_group_timeout``).
+      A rank that never joins within ``timeout_s``: ``moebalance.parallel.RendezvousError``.
     Does nothing if DeepSpeed's backend is already up.
     """
     torchrun_environment()
+    default_group_timeout(timeout_s)
 
     import deepspeed
     import deepspeed.comm as ds_dist
@@ -160,9 +164,10 @@ def init_distributed_cpu(timeout_s: float = 300.0, *, verbose: bool = False) -> 
         return
     # Must be set on deepspeed.ops itself before TorchBackend is built (it reads this dict).
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(
-        dist_backend=get_accelerator().communication_backend_name(),
-        auto_mpi_discovery=False,
-        timeout=datetime.timedelta(seconds=timeout_s),
-        verbose=verbose,
-    )
+    with rendezvous(timeout_s):  # a rank that never joins: one RendezvousError line
+        deepspeed.init_distributed(
+            dist_backend=get_accelerator().communication_backend_name(),
+            auto_mpi_discovery=False,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            verbose=verbose,
+        )

@@ -26,7 +26,7 @@ Design points:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -35,6 +35,7 @@ from moebalance import parallel, skew, weights
 from moebalance.config import ConfigError
 from moebalance.model_config import ModelConfig, load_model_config
 from moebalance.parallel import ParallelSetup
+from moebalance.placement import check_plans_fit
 from moebalance.skew import skew_profile
 from moebalance.weights import TORCH_DTYPES
 
@@ -75,9 +76,8 @@ def init_distributed(ep_size: Optional[int] = None, timeout_s: float = 120.0) ->
     pipeline parallel 1. Backend NCCL with CUDA (one GPU per local rank), gloo otherwise, where
     the CPU shims are applied. Every collective times out after ``timeout_s`` seconds, so a
     dead rank makes the others fail instead of hang. Also selects Megatron's inference RNG
-    tracker (no CUDA RNG state is needed for inference)."""
-    import datetime
-
+    tracker (no CUDA RNG state is needed for inference). A rank that never joins within
+    ``timeout_s``: ``moebalance.parallel.RendezvousError``."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import initialize_rng_tracker
 
@@ -86,7 +86,9 @@ def init_distributed(ep_size: Optional[int] = None, timeout_s: float = 120.0) ->
     _, world, local_rank = parallel.torchrun_environment()
     ep_size = parallel.check_ep_size(ep_size, world)
     device, backend = parallel.select_device(local_rank)
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    # every group created later without a timeout (Megatron's are given one) times out alike
+    with parallel.rendezvous(timeout_s):  # a rank that never joins: one line, not a traceback
+        dist.init_process_group(backend, timeout=parallel.default_group_timeout(timeout_s))
     apply_cpu_shims()  # no-op with CUDA
     parallel_state.initialize_model_parallel(
         expert_model_parallel_size=ep_size,
@@ -121,18 +123,23 @@ def destroy_distributed() -> None:
 # ---------------------------------------------------------------------- building
 
 
-def transformer_config(cfg: ModelConfig, *, ep_size: int, dispatcher: str = "alltoall"):
+def transformer_config(
+    cfg: ModelConfig, *, ep_size: int, dispatcher: str = "alltoall", num_slots: Optional[int] = None
+):
     """Megatron's TransformerConfig for ``cfg`` at EP = ``ep_size`` (inference settings: no
-    dropout, no aux loss, SequentialMLP experts, no fused kernels, dynamic dispatch buffers)."""
+    dropout, no aux loss, SequentialMLP experts, no fused kernels, dynamic dispatch buffers).
+    ``num_slots``: physical expert slots per MoE layer when replicas are placed (default: the
+    model's experts)."""
     import torch.nn.functional as F
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     _require(
         dispatcher in DISPATCHERS, f"dispatcher must be one of {DISPATCHERS}, got {dispatcher!r}"
     )
+    slots = cfg.num_experts if num_slots is None else num_slots
     _require(
-        cfg.num_experts % ep_size == 0,
-        f"ep={ep_size} must divide num_experts={cfg.num_experts}",
+        slots % ep_size == 0,
+        f"ep={ep_size} must divide the expert slots per layer ({slots})",
     )
     dtype = TORCH_DTYPES[cfg.dtype]
     cuda = torch.cuda.is_available()
@@ -144,7 +151,7 @@ def transformer_config(cfg: ModelConfig, *, ep_size: int, dispatcher: str = "all
         num_query_groups=cfg.num_query_groups,
         ffn_hidden_size=cfg.ffn_hidden_size,
         moe_ffn_hidden_size=cfg.expert_ffn_hidden_size,
-        num_moe_experts=cfg.num_experts,
+        num_moe_experts=slots,
         moe_router_topk=cfg.topk,
         moe_router_score_function=cfg.score_function,
         moe_router_pre_softmax=cfg.pre_softmax,
@@ -155,7 +162,7 @@ def transformer_config(cfg: ModelConfig, *, ep_size: int, dispatcher: str = "all
         moe_layer_freq=[0] * cfg.first_dense_layers + [1] * num_moe_layers,
         moe_token_dispatcher_type=dispatcher,
         # Dynamic dispatch buffers for every router (see the module docstring).
-        moe_expert_capacity_factor=float(cfg.num_experts),
+        moe_expert_capacity_factor=float(slots),
         expert_model_parallel_size=ep_size,
         moe_grouped_gemm=False,
         moe_permute_fusion=False,
@@ -185,12 +192,19 @@ def build_model(
     load_scope: str = "local",
     dispatcher: str = "alltoall",
     checkpoint: Optional[str | Path] = None,
+    placement: Optional[Mapping[int, Any]] = None,
+    replicas: Optional[Any] = None,
 ):
     """A GPTModel (eval mode, on this rank's device) with router ``router`` (a name in
     ``moebalance.policies.POLICIES``, parameters ``router_params``) in every MoE layer.
 
     Weights come from ``checkpoint`` (a safetensors file, see ``load_checkpoint``) or, without
     one, from ``init_weights`` followed by ``apply_skew`` when ``cfg.skew`` is set.
+    ``placement`` ({0-based MoE layer: ``moebalance.placement.Placement``}, all with the same
+    P): every MoE layer holds P physical expert slots, slot s a copy of logical expert
+    ``phy2log[s]`` (weights, initialisation and checkpoint keys are the logical expert's), and
+    the routers pick one replica per (token, expert) (``replicas``: a
+    ``moebalance.replicas.ReplicaParams``, round-robin by default).
     Call ``init_distributed`` first. Returns the model."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
@@ -202,8 +216,16 @@ def build_model(
         checkpoint is None or cfg.skew == "none",
         "skew applies to randomly initialised models only; set skew: none with a checkpoint",
     )
-    router_cls = make_router_class(router, router_params, load_scope=load_scope)
-    config = transformer_config(cfg, ep_size=ep_size, dispatcher=dispatcher)
+    num_slots = None
+    if placement:
+        num_slots = check_plans_fit(
+            placement, num_experts=cfg.num_experts, moe_layers=cfg.moe_layer_indices,
+            ep_size=ep_size,
+        )
+    router_cls = make_router_class(
+        router, router_params, load_scope=load_scope, placement=placement, replicas=replicas
+    )
+    config = transformer_config(cfg, ep_size=ep_size, dispatcher=dispatcher, num_slots=num_slots)
     config = prepare_config(config, router_cls)
     spec = get_gpt_decoder_block_spec(
         config, use_transformer_engine=False, normalization=cfg.normalization
@@ -222,6 +244,7 @@ def build_model(
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())  # norms and the router weight start on the CPU
     model.eval()
+    model.placement = dict(placement) if placement else None  # canonical_names reads it
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     else:
@@ -237,14 +260,20 @@ def build_model(
 
 def canonical_names(model: torch.nn.Module) -> dict[str, str]:
     """{state-dict key: canonical key} (``moebalance.weights``) for this rank's tensors: local
-    expert j of a layer becomes its global index (``...local_experts.<global>.``); other keys
-    are unchanged. ``_extra_state`` entries are left out."""
+    expert j of a layer becomes its global index (``...local_experts.<global>.``), or with a
+    placement (``build_model``) the logical expert its slot holds, so replicas share their
+    expert's key; other keys are unchanged. ``_extra_state`` entries are left out."""
     from .inject import moe_layers
 
+    placement = getattr(model, "placement", None) or {}
     layers = {}
     for layer in moe_layers(model):
         # MoELayer.layer_number is 1-based over the decoder layers.
-        layers[layer.layer_number - 1] = layer.local_expert_indices
+        index = layer.layer_number - 1
+        slots = list(layer.local_expert_indices)
+        if index in placement:
+            slots = [int(placement[index].phy2log[s]) for s in slots]
+        layers[index] = slots
     out = {}
     for key, value in model.state_dict().items():
         if key.endswith("_extra_state") or not torch.is_tensor(value):
@@ -260,11 +289,16 @@ def canonical_names(model: torch.nn.Module) -> dict[str, str]:
 
 def init_weights(model: torch.nn.Module, cfg: ModelConfig) -> None:
     """``moebalance.weights.init_weights`` on the model's parameters under their canonical
-    names (buffers, e.g. rotary frequencies, keep Megatron's values)."""
-    params = dict(model.named_parameters())
-    weights.init_weights(
-        {c: params[k] for k, c in canonical_names(model).items() if k in params}, cfg
-    )
+    names (buffers, e.g. rotary frequencies, keep Megatron's values); replicas of an expert get
+    its values."""
+    weights.init_named(dict(model.named_parameters()), canonical_names(model), cfg)
+
+
+def _logical_experts(model: torch.nn.Module) -> int:
+    placement = getattr(model, "placement", None)
+    if placement:
+        return next(iter(placement.values())).num_experts
+    return model.config.num_moe_experts
 
 
 def load_checkpoint(model: torch.nn.Module, path: str | Path) -> None:
@@ -272,7 +306,7 @@ def load_checkpoint(model: torch.nn.Module, path: str | Path) -> None:
     experts under their global index) into ``model``; each rank reads only its own experts.
     Raises ConfigError on missing or unexpected keys or shapes."""
     weights.load_checkpoint(
-        path, model.state_dict(), canonical_names(model), model.config.num_moe_experts
+        path, model.state_dict(), canonical_names(model), _logical_experts(model)
     )
 
 

@@ -6,14 +6,21 @@ its framework's own groups: ``torchrun_environment`` (a plain ``python`` run is 
 with a free port), ``check_ep_size``, ``select_device`` (one GPU per local rank with NCCL, else
 the CPU with gloo), the framework's process-group start, ``ParallelSetup``; and
 ``destroy_distributed`` is ``destroy_process_group`` with the framework's teardown.
+
+``default_group_timeout`` makes every process group created later without an explicit timeout
+(DeepSpeed's expert-parallel groups: ``torch.distributed.new_group(ranks)``) time out like the
+default group; otherwise such groups keep torch's 30-minute default and a frozen rank hangs
+the job for half an hour whatever ``--timeout`` says.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
 import socket
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -22,10 +29,13 @@ from .config import ConfigError
 
 __all__ = [
     "ParallelSetup",
+    "RendezvousError",
+    "rendezvous",
     "torchrun_environment",
     "free_port",
     "check_ep_size",
     "select_device",
+    "default_group_timeout",
     "destroy_process_group",
 ]
 
@@ -97,6 +107,42 @@ def select_device(local_rank: int) -> tuple[torch.device, str]:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank), "nccl"
     return torch.device("cpu"), "gloo"
+
+
+def default_group_timeout(timeout_s: float) -> datetime.timedelta:
+    """Make ``timeout_s`` the timeout of every process group created from now on without one
+    (``torch.distributed.new_group(ranks)``, as DeepSpeed's EP groups are), for every backend;
+    returns it as a timedelta. torch reads these module defaults when a group is created, so
+    call it before the framework creates its groups."""
+    from torch.distributed import distributed_c10d
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    distributed_c10d.default_pg_timeout = timeout
+    distributed_c10d.default_pg_nccl_timeout = timeout
+    return timeout
+
+
+class RendezvousError(RuntimeError):
+    """The process group did not start: a rank never joined (or this one could not reach the
+    master) within the timeout. The message is one line."""
+
+
+@contextlib.contextmanager
+def rendezvous(timeout_s: float) -> Iterator[None]:
+    """Around a process-group start: torch's rendezvous failures (a rank that never started,
+    an unreachable or mismatched MASTER_ADDR / MASTER_PORT) become one ``RendezvousError`` line
+    naming the world, the address and the timeout."""
+    try:
+        yield
+    except dist.DistError as err:
+        env = os.environ
+        detail = " ".join(str(err).split())
+        raise RendezvousError(
+            f"the process group of {env.get('WORLD_SIZE')} ranks at "
+            f"{env.get('MASTER_ADDR')}:{env.get('MASTER_PORT')} did not start within "
+            f"--timeout {timeout_s:g} s ({detail[:200]}); start every rank, with the same "
+            "MASTER_ADDR, MASTER_PORT and WORLD_SIZE"
+        ) from err
 
 
 def destroy_process_group(teardown: Optional[Callable[[], None]] = None) -> None:
