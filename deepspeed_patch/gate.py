@@ -33,6 +33,7 @@ import torch.distributed as dist
 from deepspeed.moe.sharded_moe import TOPK_GATE_TIMER, TopKGate
 
 from moebalance.config import ConfigError, GateConfig, RoutingContext
+from moebalance.replicas import ReplicaParams
 from moebalance.routing import Routing
 from moebalance.runner import LOAD_SCOPES, RouterRunner, RunnerState
 
@@ -81,6 +82,8 @@ class BalancedGate(RunnerState, TopKGate):
         capacity_factor: float = 1.0,
         eval_capacity_factor: float = 1.0,
         min_capacity: int = 0,
+        placement: Any = None,
+        replicas: Optional[ReplicaParams] = None,
     ) -> None:
         super().__init__(
             model_dim,
@@ -95,14 +98,27 @@ class BalancedGate(RunnerState, TopKGate):
             ep_group=ep_group,
             top2_2nd_expert_sampling=False,
         )
-        gate_config = gate_config or GateConfig(num_experts=num_experts, topk=k)
-        if (gate_config.num_experts, gate_config.topk) != (num_experts, k):
+        # with a placement the layer's num_experts are its P physical slots and the gate scores
+        # the E logical experts (wg [E, H]); a replica choice picks one slot per pair
+        logical = num_experts if placement is None else int(placement.num_experts)
+        if placement is not None:
+            if int(placement.num_slots) != num_experts:
+                raise ConfigError(
+                    f"placement has {int(placement.num_slots)} slots, the MoE layer "
+                    f"{num_experts} experts"
+                )
+            self.wg = torch.nn.Linear(model_dim, logical, bias=False).float()
+        gate_config = gate_config or GateConfig(num_experts=logical, topk=k)
+        if (gate_config.num_experts, gate_config.topk) != (logical, k):
             raise ConfigError(
                 f"gate_config (num_experts={gate_config.num_experts}, "
                 f"topk={gate_config.topk}) must match the gate "
-                f"(num_experts={num_experts}, k={k})"
+                f"(num_experts={logical}, k={k})"
             )
-        self.runner = RouterRunner(router, params, gate_config, load_scope=load_scope)
+        self.runner = RouterRunner(
+            router, params, gate_config, load_scope=load_scope, replicas=replicas
+        )
+        self.runner.set_layout(placement)
         self.expected_ep_size = expected_ep_size
         if expected_ep_size is not None:
             RoutingContext(ep_size=expected_ep_size).validate(gate_config)
@@ -112,12 +128,15 @@ class BalancedGate(RunnerState, TopKGate):
     def from_gate(
         cls, old: TopKGate, router: str = "topk", params: Any = None, **kwargs: Any
     ) -> "BalancedGate":
-        """A BalancedGate replacing ``old``: shares its ``wg`` module (weights, device, dtype),
-        EP group, train/eval mode and timer settings. Leaves the global RNG state as it was."""
+        """A BalancedGate replacing ``old``: shares its ``wg`` module (weights, device, dtype)
+        when it scores the same experts, its EP group, train/eval mode and timer settings.
+        Leaves the global RNG state as it was."""
+        placement = kwargs.get("placement")
+        num_experts = old.wg.out_features if placement is None else int(placement.num_slots)
         with torch.random.fork_rng(devices=[]):  # the throwaway Linear's init draws numbers
             new = cls(
                 old.wg.in_features,
-                old.wg.out_features,
+                num_experts,
                 old.k,
                 router,
                 params,
@@ -126,7 +145,8 @@ class BalancedGate(RunnerState, TopKGate):
                 min_capacity=old.min_capacity,
                 **kwargs,
             )
-        new.wg = old.wg
+        if old.wg.out_features == new.wg.out_features:  # (a fresh P-slot layer's TopKGate
+            new.wg = old.wg  # scores P rows; with a placement the new gate keeps its E rows)
         new.ep_group = old.ep_group
         new.wall_clock_breakdown = old.wall_clock_breakdown
         new.train(old.training)

@@ -28,7 +28,7 @@ class DeepSpeedFramework:
 
     def build_model(
         self, cfg, setup, *, router: str, router_params: Any, load_scope: str, dispatcher: str,
-        checkpoint: Optional[str],
+        checkpoint: Optional[str], placement: Optional[dict] = None, replicas: Any = None,
     ):
         from moebalance.config import ConfigError
 
@@ -39,6 +39,7 @@ class DeepSpeedFramework:
         return build_model(
             cfg, ep_size=setup.ep_size, router=router, router_params=router_params,
             load_scope=load_scope, checkpoint=checkpoint, device=setup.device,
+            placement=placement, replicas=replicas,
         )
 
     def swap_router(self, model, router: str, params: Any, load_scope: str) -> int:

@@ -54,7 +54,7 @@ import io
 import math
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -64,6 +64,7 @@ from torch import nn
 from moebalance import parallel, skew, weights
 from moebalance.config import ConfigError
 from moebalance.model_config import ModelConfig
+from moebalance.placement import check_plans_fit
 from moebalance.parallel import ParallelSetup
 from moebalance.weights import TORCH_DTYPES
 
@@ -218,21 +219,25 @@ class MoEBlock(nn.Module):
 
     def __init__(
         self, cfg: ModelConfig, layer: int, ep_size: int, router: str, params: Any,
-        load_scope: str, dtype: torch.dtype,
+        load_scope: str, dtype: torch.dtype, placement: Any = None, replicas: Any = None,
     ) -> None:
         super().__init__()
         self.layer = layer
+        self.placement = placement  # this layer's Placement, or None
+        slots = cfg.num_experts if placement is None else int(placement.num_slots)
         with torch.random.fork_rng(devices=[]):  # DeepSpeed's Linear inits draw numbers
             self.moe = make_moe(
                 cfg.hidden_size,
                 MLP(cfg, cfg.expert_ffn_hidden_size, dtype),
-                cfg.num_experts,
+                slots,
                 ep_size=ep_size,
                 k=cfg.topk,
                 router=router,
                 params=params,
                 load_scope=load_scope,
                 gate_config=cfg.gate_config(),
+                placement=placement,
+                replicas=replicas,
             )
         self.moe.deepspeed_moe.gate.layer = layer
         self.moe.deepspeed_moe.gate.wg.to(dtype)
@@ -289,19 +294,31 @@ class DeepSpeedGPT(nn.Module):
         router: str = "topk",
         router_params: Any = None,
         load_scope: str = "local",
+        placement: Optional[Mapping[int, Any]] = None,
+        replicas: Any = None,
     ) -> None:
         super().__init__()
         if cfg.qk_layernorm:
             raise ConfigError("the DeepSpeed model does not implement qk_layernorm yet")
-        if cfg.num_experts % ep_size:
-            raise ConfigError(f"ep={ep_size} must divide num_experts={cfg.num_experts}")
+        slots = cfg.num_experts
+        if placement:
+            slots = check_plans_fit(
+                placement, num_experts=cfg.num_experts, moe_layers=cfg.moe_layer_indices,
+                ep_size=ep_size,
+            )
+        if slots % ep_size:
+            raise ConfigError(f"ep={ep_size} must divide the expert slots per layer ({slots})")
         dtype = TORCH_DTYPES[cfg.dtype]
-        self.cfg, self.ep_size = cfg, ep_size
+        self.cfg, self.ep_size, self.num_slots = cfg, ep_size, slots
+        self.placement = dict(placement) if placement else None
         self.embedding = _Embedding(cfg.vocab_size, cfg.hidden_size, dtype)
         layers = []
         for i in range(cfg.num_layers):
             moe = (
-                MoEBlock(cfg, i, ep_size, router, router_params, load_scope, dtype)
+                MoEBlock(
+                    cfg, i, ep_size, router, router_params, load_scope, dtype,
+                    placement=(placement or {}).get(i), replicas=replicas,
+                )
                 if i in cfg.moe_layer_indices
                 else None
             )
@@ -390,12 +407,19 @@ def _ep_rank(model: "DeepSpeedGPT") -> int:
 def canonical_names(model: "DeepSpeedGPT") -> dict[str, str]:
     """{state-dict key: canonical key} (``moebalance.weights``) for this rank's tensors: the
     inverse of ``megatron_to_deepspeed`` (local expert j of EP rank r becomes expert
-    r * E/EP + j). Call after ``setup_expert_parallel`` (the EP rank picks the indices)."""
-    offset = _ep_rank(model) * (model.cfg.num_experts // model.ep_size)
+    r * E/EP + j; with a placement, the logical expert its slot r * P/EP + j holds, so
+    replicas share their expert's key). Call after ``setup_expert_parallel`` (the EP rank picks
+    the indices)."""
+    offset = _ep_rank(model) * (model.num_slots // model.ep_size)
+    placement = model.placement or {}
     out = {}
     for key in model.state_dict():
         if m := _DS_EXPERT.match(key):
-            out[key] = f"{m.group(1)}experts.local_experts.{offset + int(m.group(2))}.{m.group(3)}"
+            slot = offset + int(m.group(2))
+            layer = int(re.match(r"decoder\.layers\.(\d+)\.", key).group(1))
+            if layer in placement:
+                slot = int(placement[layer].phy2log[slot])
+            out[key] = f"{m.group(1)}experts.local_experts.{slot}.{m.group(3)}"
         elif m := _DS_GATE.match(key):
             out[key] = f"{m.group(1)}router.weight"
         else:
@@ -438,10 +462,7 @@ def save_checkpoint(model: "DeepSpeedGPT", path: str | Path, cfg: Optional[Model
 def init_weights(model: "DeepSpeedGPT", cfg: ModelConfig) -> None:
     """``moebalance.weights.init_weights`` under the canonical names: the same values as the
     Megatron model's, tensor for tensor."""
-    params = dict(model.named_parameters())
-    weights.init_weights(
-        {c: params[k] for k, c in canonical_names(model).items() if k in params}, cfg
-    )
+    weights.init_named(dict(model.named_parameters()), canonical_names(model), cfg)
 
 
 def skew_layers(model: "DeepSpeedGPT") -> list[skew.SkewLayer]:
@@ -505,15 +526,19 @@ def build_model(
     checkpoint: Optional[str | Path] = None,
     megatron_state: Optional[dict[str, torch.Tensor]] = None,
     device: Optional[torch.device] = None,
+    placement: Optional[Mapping[int, Any]] = None,
+    replicas: Any = None,
 ) -> DeepSpeedGPT:
     """A ``DeepSpeedGPT`` (eval mode, on ``device``) with router ``router`` in every MoE layer,
     EP groups set up. Weights: ``checkpoint`` (canonical safetensors), else ``megatron_state``
     (a canonical state dict of this rank), else ``init_weights`` followed by ``apply_skew``
-    when ``cfg.skew`` is set. Collective: every rank calls it."""
+    when ``cfg.skew`` is set. ``placement`` ({0-based MoE layer: Placement}) and ``replicas``:
+    as ``megatron_patch.model.build_model``. Collective: every rank calls it."""
     if checkpoint is not None and cfg.skew != "none":
         raise ConfigError("skew applies to randomly initialised models only; set skew: none")
     model = DeepSpeedGPT(
-        cfg, ep_size=ep_size, router=router, router_params=router_params, load_scope=load_scope
+        cfg, ep_size=ep_size, router=router, router_params=router_params, load_scope=load_scope,
+        placement=placement, replicas=replicas,
     )
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints each group it makes
         setup_expert_parallel(model)
@@ -538,9 +563,10 @@ def swap_gates(model: nn.Module, router: str, params: Any = None, load_scope: st
     count = 0
     for block in model.modules():
         if isinstance(block, MoEBlock):
+            old = block.moe.deepspeed_moe.gate
             gate = install_gate(
-                block.moe, router, params, load_scope=load_scope,
-                gate_config=block.moe.deepspeed_moe.gate.gate_config,
+                block.moe, router, params, load_scope=load_scope, gate_config=old.gate_config,
+                placement=block.placement, replicas=old.runner.replicas,
             )
             gate.layer = block.layer
             count += 1

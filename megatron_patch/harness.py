@@ -26,20 +26,26 @@ class MegatronFramework:
 
     def build_model(
         self, cfg, setup, *, router: str, router_params: Any, load_scope: str, dispatcher: str,
-        checkpoint: Optional[str],
+        checkpoint: Optional[str], placement: Optional[dict] = None, replicas: Any = None,
     ):
         from .model import build_model
 
         return build_model(
             cfg, ep_size=setup.ep_size, router=router, router_params=router_params,
             load_scope=load_scope, dispatcher=dispatcher, checkpoint=checkpoint,
+            placement=placement, replicas=replicas,
         )
 
     def swap_router(self, model, router: str, params: Any, load_scope: str) -> int:
-        from .inject import swap_routers
+        from .inject import moe_layers, swap_routers
         from .routers import make_router_class
 
-        return swap_routers(model, make_router_class(router, params, load_scope=load_scope))
+        old = next(moe_layers(model)).router
+        cls = make_router_class(
+            router, params, load_scope=load_scope, placement=getattr(model, "placement", None),
+            replicas=old.runner.replicas,
+        )
+        return swap_routers(model, cls)
 
     def set_decode(self, model, decode: bool) -> int:
         from .inject import set_decode

@@ -51,7 +51,7 @@ Semantics, in Megatron's terms:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Mapping, Optional
 
 import torch
 from megatron.core import utils as mcore_utils
@@ -65,6 +65,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from moebalance.config import ConfigError, GateConfig, RoutingContext
 from moebalance.policies import get_policy
 from moebalance.routing import Routing
+from moebalance.replicas import ReplicaParams
 from moebalance.runner import LOAD_SCOPES, RouterRunner, RunnerState, check_load_scope, resolve_params
 
 __all__ = [
@@ -142,6 +143,8 @@ class BalancedRouter(RunnerState, TopKRouter):
     policy_name: ClassVar[str] = "topk"
     policy_params: ClassVar[Any] = None
     load_scope: ClassVar[str] = "local"
+    placement: ClassVar[Optional[Mapping[int, Any]]] = None  # {0-based layer: Placement}
+    replicas: ClassVar[Optional[ReplicaParams]] = None
 
     def __init__(
         self,
@@ -153,8 +156,23 @@ class BalancedRouter(RunnerState, TopKRouter):
             pg_collection = get_default_pg_collection()  # as MoELayer does
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
         self._check_supported(config)
+        gate = gate_config(config)
+        if self.placement:
+            # num_moe_experts counts the physical slots; the gate scores the logical experts
+            # (the checkpoint's router.weight [E, H]), and a replica choice picks the slots
+            logical = {int(p.num_experts) for p in self.placement.values()}
+            if len(logical) != 1:
+                raise ConfigError(f"placement layers plan different numbers of experts {logical}")
+            E = logical.pop()
+            gate = dataclasses.replace(gate, num_experts=E, num_groups=None, group_topk=None)
+            if self.bias is not None:
+                raise ConfigError("a placement needs a router without bias (add_bias_linear)")
+            weight = torch.nn.Parameter(self.weight.new_empty(E, self.weight.shape[1]))
+            weight.sequence_parallel = self.weight.sequence_parallel
+            self.weight = weight
         self.runner = RouterRunner(
-            self.policy_name, self.policy_params, gate_config(config), load_scope=self.load_scope
+            self.policy_name, self.policy_params, gate, load_scope=self.load_scope,
+            replicas=self.replicas,
         )
         # TopKRouter keeps tp/cp groups only; the EP group is what the policies need.
         self.ep_group = pg_collection.ep
@@ -190,6 +208,15 @@ class BalancedRouter(RunnerState, TopKRouter):
     def gate(self) -> GateConfig:
         return self.runner.gate
 
+    def set_layer_number(self, layer_number: int) -> None:
+        """Megatron tells the router its 1-based layer: with a placement, that layer's layout."""
+        super().set_layer_number(layer_number)
+        if self.placement:
+            layer = layer_number - 1
+            if layer not in self.placement:
+                raise ConfigError(f"the placement has no plan for MoE layer {layer}")
+            self.runner.set_layout(self.placement[layer])
+
     def _context(self) -> RoutingContext:
         # Megatron's score function ignores expert_bias for softmax gates; so do we.
         bias = self.expert_bias if self.runner.gate.score_function != "softmax" else None
@@ -206,7 +233,7 @@ class BalancedRouter(RunnerState, TopKRouter):
 
         Returns (probs [T, E] in the logits' dtype, routing_map [T, E] bool).
         """
-        logits = logits.view(-1, self.config.num_moe_experts)
+        logits = logits.view(-1, self.runner.gate.num_experts)
         valid = None if padding_mask is None else ~padding_mask.reshape(-1).bool()
         decision = self.runner.route(
             logits,
@@ -230,11 +257,18 @@ def make_router_class(
     *,
     load_scope: str = "local",
     class_name: Optional[str] = None,
+    placement: Optional[Mapping[int, Any]] = None,
+    replicas: Optional[ReplicaParams] = None,
 ) -> type[BalancedRouter]:
     """A BalancedRouter subclass with policy ``name`` and its ``params`` (dataclass or dict)
     bound, ready for a layer spec; ``make_router_class("topk")`` is vanilla top-k, identical
     to the stock ``TopKRouter`` at inference. Parameters are validated here, against the gate
-    at build. ``class_name`` defaults to the policy's name in CamelCase + "Router"."""
+    at build. ``class_name`` defaults to the policy's name in CamelCase + "Router".
+
+    ``placement`` ({0-based layer: ``moebalance.placement.Placement``}): the MoE layers hold
+    ``num_moe_experts`` = P physical slots (replicas of the E logical experts); the router
+    scores the E experts with a [E, H] weight, decides over them, and ``replicas`` (default
+    round-robin) picks one slot per (token, expert)."""
     policy = get_policy(name)
     params = resolve_params(policy, params)
     check_load_scope(load_scope, name)
@@ -247,6 +281,8 @@ def make_router_class(
             "policy_name": policy.name,
             "policy_params": params,
             "load_scope": load_scope,
+            "placement": dict(placement) if placement else None,
+            "replicas": replicas,
             "__module__": __name__,
             "__doc__": f"BalancedRouter running policy {name!r} with {params!r}.",
         },

@@ -45,6 +45,7 @@ from .files import write_text_atomic
 
 __all__ = [
     "PLAN_FORMAT",
+    "check_plans_fit",
     "METHODS",
     "Placement",
     "placement_from_ranks",
@@ -934,3 +935,31 @@ def load_plan(path: str | Path, num_experts: int | None = None, num_ranks: int |
         except ConfigError as err:
             _fail(f"{lw}: {err}")
     return plans, provenance
+
+
+def check_plans_fit(
+    plans: Mapping[int, Placement], *, num_experts: int, moe_layers: Sequence[int], ep_size: int
+) -> int:
+    """The slots per MoE layer P of ``plans`` ({0-based layer: Placement}) for a model with
+    ``num_experts`` logical experts in ``moe_layers`` served at EP ``ep_size``; ConfigError (one
+    line) when a plan is for another model or EP size, a MoE layer has no plan, a plan names a
+    layer that is not a MoE layer, or layers differ in P (the frameworks size every MoE layer
+    alike)."""
+    if not plans:
+        _fail("the placement has no layers")
+    layers, extra = set(moe_layers), sorted(set(plans) - set(moe_layers))
+    missing = sorted(layers - set(plans))
+    if missing or extra:
+        _fail(f"the placement must plan exactly the MoE layers {sorted(layers)}; "
+              f"missing {missing}, not MoE layers {extra}")
+    for layer, p in sorted(plans.items()):
+        if p.num_experts != num_experts:
+            _fail(f"the placement of layer {layer} plans {p.num_experts} experts, the model has "
+                  f"{num_experts}")
+        if p.num_ranks != ep_size:
+            _fail(f"the placement of layer {layer} is for EP {p.num_ranks}, the run uses EP "
+                  f"{ep_size}")
+    slots = {p.num_slots for p in plans.values()}
+    if len(slots) != 1:
+        _fail(f"every MoE layer's placement must have the same number of slots, got {sorted(slots)}")
+    return slots.pop()

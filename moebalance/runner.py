@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from .config import ConfigError, GateConfig, RoutingContext
 from .policies import get_policy, resolve_params, route
+from .replicas import ReplicaParams, check_layout, choose_replicas, layout_for_rank
 from .routing import Routing
 
 __all__ = [
@@ -105,7 +106,13 @@ class RouterRunner:
     """
 
     def __init__(
-        self, name: str, params: Any, gate: GateConfig, *, load_scope: str = "local"
+        self,
+        name: str,
+        params: Any,
+        gate: GateConfig,
+        *,
+        load_scope: str = "local",
+        replicas: Optional[ReplicaParams] = None,
     ) -> None:
         self.policy = get_policy(name)
         self.params = resolve_params(self.policy, params)
@@ -117,6 +124,11 @@ class RouterRunner:
         self.seed = 0
         self.last_routing: Optional[Routing] = None
         self.layer: Optional[int] = None  # the layer of the latest call (error messages)
+        # replicas: this layer's placement (``set_layout``) and how a pair picks a slot
+        self.replicas = replicas if replicas is not None else ReplicaParams()
+        self.layout: Any = None
+        self._local: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._turn = 0  # round-robin replica turns taken so far
         # 0-dim bool on the logits' device: a non-finite logit since the last check
         # (``check_router_logits`` reads it once per model step: no sync per layer)
         self.nonfinite: Optional[torch.Tensor] = None
@@ -124,6 +136,29 @@ class RouterRunner:
     @property
     def name(self) -> str:
         return self.policy.name
+
+    @property
+    def num_slots(self) -> int:
+        """Columns of the decision: physical slots P with a placement, else the E experts."""
+        return self.gate.num_experts if self.layout is None else int(self.layout.num_slots)
+
+    def set_layout(self, layout: Any) -> None:
+        """This layer's replica placement (a ``moebalance.placement.Placement``: ``log2phy``
+        [E, R], ``logcnt`` [E], ``slot_rank`` [P], ``num_slots``; None: no replicas, expert e
+        on rank e // (E / EP)). The policy then decides over the E logical experts, with the
+        layout's local experts and rank groups in its context, and ``choose_replicas`` sends
+        each (token, expert) pair to one of the expert's slots."""
+        if layout is not None:
+            if int(layout.num_experts) != self.gate.num_experts:
+                raise ConfigError(
+                    f"placement has {int(layout.num_experts)} logical experts, the gate scores "
+                    f"{self.gate.num_experts}"
+                )
+            check_layout(
+                layout.log2phy, layout.logcnt, layout.slot_rank, int(layout.num_ranks),
+                check_values=True,
+            )
+        self.layout, self._local, self._turn = layout, {}, 0
 
     def context(
         self,
@@ -134,7 +169,14 @@ class RouterRunner:
         expert_bias: Optional[torch.Tensor] = None,
     ) -> RoutingContext:
         """The ``RoutingContext`` of one call: where the layer runs (EP rank and size, 0-based
-        decoder layer index, the gate's [E] expert bias) and the runner's decode flag and seed."""
+        decoder layer index, the gate's [E] expert bias, with a placement the experts this rank
+        hosts) and the runner's decode flag and seed."""
+        local = {}
+        if self.layout is not None:
+            if ep_rank not in self._local:
+                L = self.layout
+                self._local[ep_rank] = layout_for_rank(L.log2phy, L.logcnt, L.slot_rank, ep_rank)
+            local["local_experts"], local["expert_group"] = self._local[ep_rank]
         return RoutingContext(
             ep_rank=ep_rank,
             ep_size=ep_size,
@@ -142,12 +184,14 @@ class RouterRunner:
             decode=bool(self.decode),
             layer=layer,
             seed=self.seed,
+            **local,
         )
 
     def route_tokens(self, logits: torch.Tensor, ctx: RoutingContext, group: Any) -> Routing:
-        """The policy's decision for ``logits`` [T, E] (valid tokens only), kept in
-        ``last_routing``. Collective over the EP ``group`` when ``load_scope`` is "global" at
-        EP > 1."""
+        """The policy's decision for ``logits`` [T, E] (valid tokens only), over the E experts,
+        or with a placement over its P physical slots (``choose_replicas``; round-robin turns
+        go on from call to call), kept in ``last_routing``. Collective over the EP
+        ``group`` when ``load_scope`` is "global" at EP > 1."""
         bad = ~torch.isfinite(logits).all()
         self.nonfinite = bad if self.nonfinite is None else self.nonfinite | bad
         self.layer = ctx.layer
@@ -160,6 +204,16 @@ class RouterRunner:
             load_scope=self.load_scope,
             group=group,
         )
+        if self.layout is not None:
+            # round-robin turns start where this rank's previous call left off (so that a
+            # decode step's one token per sequence does not always take the first replica),
+            # shifted per EP rank
+            L, T = self.layout, logits.shape[0]
+            decision = choose_replicas(
+                decision, L.log2phy, L.logcnt, L.slot_rank, self.replicas, ctx,
+                token_offset=self._turn + ctx.ep_rank * T,
+            )
+            self._turn += T
         self.last_routing = decision
         return decision
 
@@ -190,8 +244,8 @@ class RouterRunner:
             base = route("topk", logits, self.gate, None, ctx, check_finite=False)
             probs, routing_map = base.probs, base.routing_map
         else:
-            probs = torch.zeros_like(logits)
-            routing_map = torch.zeros_like(logits, dtype=torch.bool)
+            probs = logits.new_zeros(logits.shape[0], self.num_slots)
+            routing_map = torch.zeros_like(probs, dtype=torch.bool)
         probs = probs.index_copy(0, rows, decision.probs.to(logits.dtype))
         routing_map = routing_map.index_copy(0, rows, decision.routing_map.bool())
         return Routing(

@@ -98,21 +98,28 @@ def _stats(values: Sequence[float]) -> dict[str, float]:
     }
 
 
-def _sample_figures(sample: dict) -> dict[str, float]:
-    """Straggler (ms), per-rank imbalance, MV, and mean per-rank phase times of one sample."""
+def _sample_figures(sample: dict, topk: int, num_experts: int | None) -> dict[str, float]:
+    """Straggler (ms), per-rank imbalance, MV, LIS and mean per-rank phase times of one
+    sample. ``num_experts``: logical experts E (None: one per slot, no replicas)."""
     load = torch.tensor(sample["expert_load"], dtype=torch.float64)
     per_rank = torch.tensor(sample["tokens_per_rank"], dtype=torch.float64)
+    E = num_experts or len(sample["expert_load"])
+    routed = sample["tokens"] * topk
     return {
         "straggler_ms": float(straggler_ms(torch.tensor(sample["experts_ms"]))),
         "rank_imbalance": float(rank_imbalance(per_rank)) if per_rank.sum() > 0 else math.nan,
         "max_violation": float(metrics.max_violation(load)) if load.sum() > 0 else math.nan,
+        # LIS (R&Q): the busiest slot's tokens over the mean logical expert's intended T k / E
+        "lis": float(E * load.max() / routed) if routed else math.nan,
         **{f"{n}_ms": sum(sample[f"{n}_ms"]) / len(sample[f"{n}_ms"]) for n in RANGES},
     }
 
 
-def _summary_of(samples: Sequence[dict], topk: int) -> dict[str, Any]:
-    figures = [_sample_figures(s) for s in samples]
-    keys = ("straggler_ms", "rank_imbalance", "max_violation") + tuple(f"{n}_ms" for n in RANGES)
+def _summary_of(samples: Sequence[dict], topk: int, num_experts: int | None = None) -> dict[str, Any]:
+    figures = [_sample_figures(s, topk, num_experts) for s in samples]
+    keys = ("straggler_ms", "rank_imbalance", "max_violation", "lis") + tuple(
+        f"{n}_ms" for n in RANGES
+    )
     routed = sum(s["tokens"] for s in samples) * topk
     out = {
         "samples": len(samples),
@@ -131,12 +138,14 @@ def _summary_of(samples: Sequence[dict], topk: int) -> dict[str, Any]:
     return out
 
 
-def summarize(records: Sequence[dict], topk: int) -> dict[str, Any]:
+def summarize(records: Sequence[dict], topk: int, num_experts: int | None = None) -> dict[str, Any]:
     """Statistics over the (step, layer) samples of ``records`` (``LayerStep`` dicts of all
     ranks, e.g. the concatenated result of ``gather_to_rank0``), overall and per phase.
 
     Returns {"all": S, "prefill": S, "decode": S, "per_layer": {layer: S}} where S has
-    ``straggler_ms``, ``rank_imbalance``, ``max_violation``, ``router_ms``, ``dispatch_ms``,
+    ``straggler_ms``, ``rank_imbalance``, ``max_violation`` (over the slots), ``lis`` (E x the
+    busiest slot's tokens / (T k), E = ``num_experts`` logical experts, default one per slot),
+    ``router_ms``, ``dispatch_ms``,
     ``experts_ms``, ``combine_ms`` (each {"p50", "p95", "mean", "max", "n"}; phase times are the
     mean over ranks of each sample), ``dropped_fraction``, ``samples``, ``tokens``,
     ``assignments``; with a padded dispatch buffer (DeepSpeed) also ``capacity`` (C) and
@@ -145,11 +154,12 @@ def summarize(records: Sequence[dict], topk: int) -> dict[str, Any]:
     before (``records()`` does).
     """
     samples = join_ranks(records)
-    out: dict[str, Any] = {"all": _summary_of(samples, topk)}
+    out: dict[str, Any] = {"all": _summary_of(samples, topk, num_experts)}
     for phase in PHASES:
-        out[phase] = _summary_of([s for s in samples if s["phase"] == phase], topk)
+        out[phase] = _summary_of([s for s in samples if s["phase"] == phase], topk, num_experts)
     layers = sorted({s["layer"] for s in samples})
     out["per_layer"] = {
-        layer: _summary_of([s for s in samples if s["layer"] == layer], topk) for layer in layers
+        layer: _summary_of([s for s in samples if s["layer"] == layer], topk, num_experts)
+        for layer in layers
     }
     return out

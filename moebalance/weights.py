@@ -43,6 +43,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "seed_for",
     "init_weights",
+    "init_named",
     "check_checkpoint_file",
     "check_checkpoint_keys",
     "load_checkpoint",
@@ -93,6 +94,26 @@ def init_weights(params: Mapping[str, torch.Tensor], cfg: ModelConfig) -> None:
 
 
 # ---------------------------------------------------------------------- checkpoints
+
+
+@torch.no_grad()
+def init_named(
+    params: Mapping[str, torch.Tensor], names: Mapping[str, str], cfg: ModelConfig
+) -> None:
+    """``init_weights`` over a model's parameters ``params`` ({key: parameter}) under their
+    canonical ``names`` ({key: canonical key}; keys without a parameter, e.g. buffers, are
+    skipped). Keys sharing a canonical name (an expert's replicas) get the same values."""
+    first: dict[str, torch.Tensor] = {}
+    copies = []
+    for key, canonical in names.items():
+        if key in params:
+            if canonical in first:
+                copies.append((params[key], first[canonical]))
+            else:
+                first[canonical] = params[key]
+    init_weights(first, cfg)
+    for copy, original in copies:
+        copy.copy_(original)
 
 
 def check_checkpoint_keys(

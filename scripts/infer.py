@@ -39,6 +39,7 @@ from moebalance.harness.generate import measure  # noqa: E402
 from moebalance.harness.quality import heldout_quality  # noqa: E402
 from moebalance.harness.report import Report, claim_output  # noqa: E402
 from moebalance.harness.startup import agree_across_ranks  # noqa: E402
+from moebalance.parallel import RendezvousError  # noqa: E402
 from moebalance.runner import NonFiniteLogitsError  # noqa: E402
 from moebalance.telemetry import MoERecorder, gather_to_rank0  # noqa: E402
 
@@ -87,13 +88,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             f"{PROG}: {model_cfg.name} ({model_cfg.num_experts} experts, top-{model_cfg.topk}, "
             f"{len(model_cfg.moe_layer_indices)} MoE layers, skew {model_cfg.skew}), "
             f"{framework.name}, world {setup.world_size}, EP {setup.ep_size}, {setup.backend} on "
-            f"{setup.device.type}, {cfg.dispatcher}, routers {' then '.join(run.routers)}",
+            f"{setup.device.type}, {cfg.dispatcher}, {run.num_slots} expert slots per layer, "
+            f"routers {' then '.join(run.routers)}",
             file=sys.stderr, flush=True,
         )
     first = run.routers[0]
     model = framework.build_model(
         model_cfg, setup, router=first, router_params=run.params_of(first),
         load_scope=run.load_scope_of(first), dispatcher=cfg.dispatcher, checkpoint=cfg.checkpoint,
+        placement=run.plans, replicas=run.replicas,
     )
     recorder = MoERecorder(
         setup.device, rank=setup.rank, ep_rank=setup.ep_rank, ep_group=setup.ep_group,
@@ -126,8 +129,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 def entry() -> int:
     """Run ``main``; a failure on any rank exits at once (no collective teardown that would wait
     for the others), so torchrun stops the job: options the ranks disagree on exit 2 with one
-    line, non-finite router logits exit 1 with one line per rank, anything else prints its
-    traceback and exits 1."""
+    line, non-finite router logits and a process group that never starts (a rank missing at
+    rendezvous) exit 1 with one line per rank, anything else prints its traceback and exits 1."""
     try:
         return main()
     except SystemExit:
@@ -136,7 +139,7 @@ def entry() -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
         os._exit(2)
-    except NonFiniteLogitsError as err:
+    except (NonFiniteLogitsError, RendezvousError) as err:
         print(f"{PROG}: rank {os.environ.get('RANK', '0')}: error: {err}", file=sys.stderr, flush=True)
         os._exit(1)
     except BaseException:

@@ -60,7 +60,8 @@ def _non_negative(text: str) -> int:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--loads", type=Path, help="JSON file {layer: [E loads]}")
+    source.add_argument("--loads", type=Path,
+                        help="JSON file {layer: [E loads]}, or an infer.py report (its first run)")
     source.add_argument("--shared-data", metavar="MODEL",
                         help=f"real counts of MODEL ({', '.join(MODEL_KEYS)}) from {DEFAULT_COUNTS_PATH}")
     parser.add_argument("--domain", help="with --shared-data: comma-separated text domains")
@@ -92,6 +93,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         fail("--out must contain {domain} when several domains are planned")
     if args.table is not None and args.table.suffix != ".md":
         fail(f"--table {args.table}: expected a .md path")
+    if args.table is not None and args.table.with_suffix(".json").resolve() == Path(
+        str(args.out)
+    ).resolve():
+        fail(f"--table {args.table}: its rows go to {args.table.with_suffix('.json')}, the "
+             "plan's --out; choose another name for one of them")
     return args
 
 
@@ -110,6 +116,8 @@ def read_loads(args: argparse.Namespace, domain: str | None) -> dict[int, list[f
         raise ConfigError(f"--loads {args.loads} not found") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ConfigError(f"--loads {args.loads}: not readable JSON ({err})") from None
+    if isinstance(data, dict) and "runs" in data:  # an infer.py report: calibrate on its run
+        data = loads_from_report(data, args.loads)
     if not isinstance(data, dict) or not data:
         raise ConfigError(f"--loads {args.loads}: expected a non-empty object {{layer: [E loads]}}")
     loads = {}
@@ -123,6 +131,26 @@ def read_loads(args: argparse.Namespace, domain: str | None) -> dict[int, list[f
         loads[int(key)] = [float(v) for v in values]
     if len({len(v) for v in loads.values()}) != 1:
         raise ConfigError(f"--loads {args.loads}: layers have different numbers of experts")
+    return loads
+
+
+def loads_from_report(report: dict, path: Path) -> dict[str, list[float]]:
+    """{layer: [E] tokens per expert} of the first run of an ``scripts/infer.py`` report: the
+    prefill steps' tokens received per expert, summed over steps and ranks (warm-up excluded
+    by the report). The run must be unreplicated (its slots are the experts)."""
+    run = report["runs"][0] if report.get("runs") else None
+    if run is None or not run.get("records"):
+        raise ConfigError(f"--loads {path}: the infer.py report holds no finished run")
+    E = report["config"]["model"]["num_experts"]
+    loads: dict[str, list[float]] = {}
+    for record in run["records"]:
+        if record["phase"] != "prefill":
+            continue
+        row = loads.setdefault(str(record["layer"]), [0.0] * E)
+        for expert, tokens in zip(record["local_experts"], record["tokens_per_expert"]):
+            if expert >= E:
+                raise ConfigError(f"--loads {path}: its run had replicas; calibrate on one without")
+            row[expert] += tokens
     return loads
 
 

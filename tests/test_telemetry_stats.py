@@ -95,6 +95,10 @@ def test_summarize_against_hand_computed_figures():
     assert overall["tokens"] == 19 and overall["assignments"] == 22
     assert s["per_layer"][0]["samples"] == 3
     assert "capacity" not in overall and "buffer_fill" not in overall  # dropless: no padding
+    # LIS = E x busiest slot / (T k): step 0: 4 x 6 / 20 = 1.2; step 1: 4 x 2 / 16 = 0.5
+    assert prefill["lis"]["max"] == pytest.approx(1.2) and prefill["lis"]["p50"] == pytest.approx(0.85)
+    # with replicas the 4 slots hold 2 logical experts: normalised by the logical mean
+    assert summarize(records, topk=2, num_experts=2)["prefill"]["lis"]["max"] == pytest.approx(0.6)
 
 
 def test_summarize_reports_the_padded_buffer():

@@ -75,6 +75,8 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
         help="router parameters, e.g. capacity_factor=1.2 (see moebalance.config)")
     add("--router-args-file", help="YAML mapping of router parameters (per_layer included)")
     add("--load-scope", help="LASER loads: local or global (EP all-reduce) (default: local)")
+    add("--placement", help="replica placement file (scripts/plan_placement.py) for this model and EP")
+    add("--replica-policy", help="round_robin, least_loaded or local_first (default: round_robin)")
     add("--config", "--model", dest="model",
         help="a trained model (tiny-moe, fine-moe), or a model preset or YAML path for a "
         "randomly initialised model (default: tiny-moe; with --skew the preset 'tiny')")

@@ -26,7 +26,9 @@ from ..model_config import (
     trained_checkpoint,
     trained_checkpoints,
 )
+from ..placement import check_plans_fit, load_plan
 from ..policies import POLICIES, make_params
+from ..replicas import ReplicaParams
 from ..runner import check_load_scope
 from ..weights import check_checkpoint_file
 
@@ -65,6 +67,11 @@ class RunConfig:
             included); router_args_file: a YAML mapping of parameters, applied before
             router_args.
         load_scope: "local" or "global" (EP-global loads for LASER).
+        placement: a replica placement file (``moebalance.placement.save_plan``, e.g. written
+            by ``scripts/plan_placement.py``) for this model and EP size: every MoE layer then
+            holds the plan's physical slots and each (token, expert) pair goes to one replica.
+        replica_policy: how a pair picks its replica: "round_robin", "least_loaded" or
+            "local_first" (``moebalance.replicas``).
         compare: also run vanilla top-k first, on the same prompts.
         ep: expert-parallel size (None: the world size).
         dispatcher: the framework's token dispatcher ("alltoall", "allgather" for Megatron).
@@ -90,6 +97,8 @@ class RunConfig:
     router_args: dict[str, Any] = field(default_factory=dict)
     router_args_file: Optional[str] = None
     load_scope: str = "local"
+    placement: Optional[str] = None
+    replica_policy: str = "round_robin"
     compare: bool = False
     ep: Optional[int] = None
     dispatcher: str = "alltoall"
@@ -109,8 +118,8 @@ class RunConfig:
 
 _INT_FIELDS = ("batch", "prompt_len", "gen_len", "warmup", "seed", "eval_seqs", "eval_len")
 _BOOL_FIELDS = ("compare", "uneven", "overwrite", "nvtx")
-_STR_FIELDS = ("framework", "router", "load_scope", "dispatcher")
-_OPTIONAL_STR_FIELDS = ("model", "checkpoint", "skew", "router_args_file", "out")
+_STR_FIELDS = ("framework", "router", "load_scope", "dispatcher", "replica_policy")
+_OPTIONAL_STR_FIELDS = ("model", "checkpoint", "skew", "router_args_file", "placement", "out")
 
 
 def _flag(name: str) -> str:
@@ -196,6 +205,8 @@ class Run:
         routers: the routers to run, in order (vanilla first under ``compare``).
         world_size, ep: processes and the EP size.
         out: the JSON path.
+        plans: {0-based MoE layer: Placement} from ``placement`` (None without replicas);
+        replicas: the ``ReplicaParams`` of ``replica_policy``.
     """
 
     config: RunConfig
@@ -205,6 +216,13 @@ class Run:
     world_size: int
     ep: int
     out: Path
+    plans: Optional[dict] = None
+    replicas: Any = None
+
+    @property
+    def num_slots(self) -> int:
+        """Physical expert slots per MoE layer (the model's experts without a placement)."""
+        return self.model.num_experts if not self.plans else next(iter(self.plans.values())).num_slots
 
     def params_of(self, router: str) -> Any:
         """The parameters of ``router`` in this run (None for vanilla under ``compare``)."""
@@ -303,7 +321,7 @@ def resolve(
     ep = world_size if cfg.ep is None else cfg.ep
     if ep < 1 or world_size % ep:
         raise ConfigError(f"--ep {ep} must be >= 1 and divide the world size {world_size}")
-    if model.num_experts % ep:
+    if model.num_experts % ep and cfg.placement is None:
         raise ConfigError(f"--ep {ep} must divide the model's num_experts {model.num_experts}")
     if cuda_devices and local_world_size > cuda_devices:
         raise ConfigError(
@@ -318,4 +336,11 @@ def resolve(
     if out.is_dir():
         raise ConfigError(f"--out {out} is a directory; give a file path")
     routers = (VANILLA, cfg.router) if cfg.compare else (cfg.router,)
-    return Run(cfg, model, params, routers, world_size, ep, out.resolve())
+    replicas = ReplicaParams(policy=cfg.replica_policy)
+    plans = None
+    if cfg.placement is not None:
+        plans, _ = load_plan(cfg.placement, num_experts=model.num_experts, num_ranks=ep)
+        check_plans_fit(
+            plans, num_experts=model.num_experts, moe_layers=model.moe_layer_indices, ep_size=ep
+        )
+    return Run(cfg, model, params, routers, world_size, ep, out.resolve(), plans, replicas)

@@ -50,12 +50,17 @@ class Framework(Protocol):
         load_scope: str,
         dispatcher: str,
         checkpoint: Optional[str],
+        placement: Optional[dict] = None,
+        replicas: Any = None,
     ) -> torch.nn.Module:
         """The GPT-MoE of ``cfg`` in eval mode on ``setup.device``, ``router`` in every MoE
-        layer; weights from ``checkpoint`` or the deterministic initialisation. Collective."""
+        layer; weights from ``checkpoint`` or the deterministic initialisation; with a
+        ``placement`` ({MoE layer: Placement}) P physical slots per layer, a replica chosen per
+        pair by ``replicas`` (ReplicaParams). Collective."""
 
     def swap_router(self, model: torch.nn.Module, router: str, params: Any, load_scope: str) -> int:
-        """Put ``router`` into every MoE layer of the built model (gate weights unchanged)."""
+        """Put ``router`` into every MoE layer of the built model (gate weights, placement and
+        replica choice unchanged)."""
 
     def set_decode(self, model: torch.nn.Module, decode: bool) -> int:
         """Tell every router whether the next calls are single-token decode steps."""

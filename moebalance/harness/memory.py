@@ -36,15 +36,16 @@ RECEIVED_SKEW = 2.0  # tokens a rank's experts receive, as a multiple of the bal
 FP32 = 4
 
 
-def weight_count(cfg: ModelConfig, ep: int = 1) -> int:
-    """Parameters this rank holds (its E / EP experts, every dense parameter)."""
+def weight_count(cfg: ModelConfig, ep: int = 1, num_slots: Optional[int] = None) -> int:
+    """Parameters this rank holds (its E / EP experts, or P / EP slots with replicas; every
+    dense parameter)."""
     H, V = cfg.hidden_size, cfg.vocab_size
     head = H // cfg.num_attention_heads
     groups = cfg.num_query_groups or cfg.num_attention_heads
     glu = 2 if cfg.activation == "swiglu" else 1
     attention = H * (cfg.num_attention_heads + 2 * groups) * head + H * H + 4 * H
     expert = H * cfg.expert_ffn_hidden_size * (glu + 1)
-    moe = cfg.num_experts * H + cfg.num_experts // ep * expert
+    moe = cfg.num_experts * H + (num_slots or cfg.num_experts) // ep * expert
     if cfg.shared_expert_ffn_hidden_size:
         moe += H * cfg.shared_expert_ffn_hidden_size * (glu + 1)
     dense = H * cfg.ffn_hidden_size * (glu + 1)
@@ -55,7 +56,7 @@ def weight_count(cfg: ModelConfig, ep: int = 1) -> int:
 
 
 def estimate_peak_bytes(cfg: ModelConfig, *, batch: int, seq: int, gen: int, ep: int,
-                        base: bool = True) -> int:
+                        base: bool = True, num_slots: Optional[int] = None) -> int:
     """Estimated peak memory of one rank (bytes) serving ``batch`` sequences of ``seq`` prompt
     and ``gen`` generated tokens at EP ``ep`` (see the module docstring)."""
     dtype = TORCH_DTYPES[cfg.dtype].itemsize
@@ -64,7 +65,7 @@ def estimate_peak_bytes(cfg: ModelConfig, *, batch: int, seq: int, gen: int, ep:
     groups = cfg.num_query_groups or cfg.num_attention_heads
     total = seq + gen
     tokens = batch * seq
-    weights = weight_count(cfg, ep) * dtype
+    weights = weight_count(cfg, ep, num_slots) * dtype
     kv_cache = 2 * cfg.num_layers * batch * total * groups * head * dtype
     scores = 3 * batch * cfg.num_attention_heads * seq * seq * FP32 + batch * total * total
     hidden = 8 * tokens * H * FP32
@@ -92,9 +93,11 @@ def available_bytes(local_world_size: int, cuda_device: Optional[int] = None) ->
 
 
 def largest_batch(cfg: ModelConfig, *, seq: int, gen: int, ep: int, budget: int,
-                  base: bool = True) -> int:
+                  base: bool = True, num_slots: Optional[int] = None) -> int:
     """The largest batch whose estimate fits ``budget`` bytes (0 when not even one does)."""
-    fits = lambda b: estimate_peak_bytes(cfg, batch=b, seq=seq, gen=gen, ep=ep, base=base) <= budget  # noqa: E731
+    def fits(b: int) -> bool:
+        shape = dict(seq=seq, gen=gen, ep=ep, base=base, num_slots=num_slots)
+        return estimate_peak_bytes(cfg, batch=b, **shape) <= budget
     if not fits(1):
         return 0
     lo, hi = 1, 2
@@ -111,7 +114,8 @@ def check_memory(run: Run, budget: Optional[int], *, on_gpu: bool = False) -> in
     known, nothing checked), naming the estimate and the largest batch that fits. Returns the
     estimate (bytes)."""
     cfg = run.config
-    shape = dict(seq=cfg.prompt_len, gen=cfg.gen_len, ep=run.ep, base=not on_gpu)
+    shape = dict(seq=cfg.prompt_len, gen=cfg.gen_len, ep=run.ep, base=not on_gpu,
+                 num_slots=run.num_slots)
     need = estimate_peak_bytes(run.model, batch=cfg.batch, **shape)
     if budget is not None and need > budget:
         fits = largest_batch(run.model, budget=budget, **shape)

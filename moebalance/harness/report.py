@@ -102,16 +102,16 @@ def _fmt(value, spec: str) -> str:
 
 def table(runs: list[dict]) -> str:
     """Rows per router and phase: straggler ms, per-rank imbalance and MV (p50 / p95 over the
-    (step, layer) samples), dropped fraction; with a padded dispatch buffer (DeepSpeed) the
+    (step, layer) samples), LIS (p50), dropped fraction; with a padded dispatch buffer (DeepSpeed) the
     share of its slots holding a token (p50); prefill latency on the prefill row, decode ms per
     token on the decode row; tokens/s and peak memory per router."""
     padded = any("buffer_fill" in run["summary"][phase] for run in runs for phase in PHASES)
     head = (
         f"{'router':<14}{'phase':<9}{'straggler ms':>16}{'rank imbalance':>17}{'MV':>15}"
-        f"{'dropped':>9}" + (f"{'fill':>8}" if padded else "")
+        f"{'LIS':>7}{'dropped':>9}" + (f"{'fill':>8}" if padded else "")
         + f"{'latency':>16}{'tok/s':>10}{'peak MiB':>10}"
     )
-    sub = f"{'':<23}{'p50':>8}{'p95':>8}{'p50':>9}{'p95':>8}{'p50':>8}{'p95':>7}"
+    sub = f"{'':<23}{'p50':>8}{'p95':>8}{'p50':>9}{'p95':>8}{'p50':>8}{'p95':>7}{'p50':>7}"
     lines = [head, sub]
     for run in runs:
         e2e = run["end_to_end"]
@@ -131,6 +131,7 @@ def table(runs: list[dict]) -> str:
                 f"{_fmt(straggler['p50'], '8.3f')}{_fmt(straggler['p95'], '8.3f')}"
                 f"{_fmt(imbalance['p50'], '9.3f')}{_fmt(imbalance['p95'], '8.3f')}"
                 f"{_fmt(mv['p50'], '8.3f')}{_fmt(mv['p95'], '7.3f')}"
+                f"{_fmt(s['lis']['p50'], '7.3f')}"
                 f"{_fmt(100 * s['dropped_fraction'], '8.2f')}%"
                 + (f"{_fmt(100 * s['buffer_fill']['p50'], '7.1f')}%" if "buffer_fill" in s else "")
                 + (f"{'n/a':>8}" if padded and "buffer_fill" not in s else "")
@@ -243,7 +244,7 @@ class Report:
                 "router": router,
                 "router_params": dataclasses.asdict(params) if params is not None else {},
                 "load_scope": self.run.load_scope_of(router),
-                "summary": summarize(records, self.run.model.topk),
+                "summary": summarize(records, self.run.model.topk, self.run.model.num_experts),
                 "end_to_end": end_to_end(per_rank),
                 "quality": quality,
                 "per_rank": [{k: v for k, v in r.items() if k != "records"} for r in per_rank],
