@@ -528,12 +528,16 @@ def build_model(
     device: Optional[torch.device] = None,
     placement: Optional[Mapping[int, Any]] = None,
     replicas: Any = None,
+    int8_slots: Optional[Mapping[int, torch.Tensor]] = None,
 ) -> DeepSpeedGPT:
     """A ``DeepSpeedGPT`` (eval mode, on ``device``) with router ``router`` in every MoE layer,
     EP groups set up. Weights: ``checkpoint`` (canonical safetensors), else ``megatron_state``
     (a canonical state dict of this rank), else ``init_weights`` followed by ``apply_skew``
     when ``cfg.skew`` is set. ``placement`` ({0-based MoE layer: Placement}) and ``replicas``:
-    as ``megatron_patch.model.build_model``. Collective: every rank calls it."""
+    as ``megatron_patch.model.build_model``. ``int8_slots`` ({0-based MoE layer: [P] bool}):
+    once the weights are loaded, this rank's slots marked True keep their expert linear
+    weights int8 weight-only (``moebalance.quantize``), as ``megatron_patch.model.build_model``.
+    Collective: every rank calls it."""
     if checkpoint is not None and cfg.skew != "none":
         raise ConfigError("skew applies to randomly initialised models only; set skew: none")
     model = DeepSpeedGPT(
@@ -554,6 +558,8 @@ def build_model(
         if cfg.skew != "none":
             apply_skew(model, cfg)
     weights.require_finite(model.named_parameters(), "the built model")
+    if int8_slots is not None:
+        quantize_slots(model, int8_slots)
     return model
 
 
@@ -571,3 +577,34 @@ def swap_gates(model: nn.Module, router: str, params: Any = None, load_scope: st
             gate.layer = block.layer
             count += 1
     return count
+
+
+# ---------------------------------------------------------------------- int8 experts
+
+
+def expert_modules(model: "DeepSpeedGPT") -> dict[int, dict[int, nn.Module]]:
+    """This rank's expert MLPs, {0-based MoE layer: {global slot: module}}: local expert j of EP
+    rank r is slot r * P/EP + j (P = the slots per layer, E without a placement)."""
+    offset = _ep_rank(model) * (model.num_slots // model.ep_size)
+    out = {}
+    for block in model.modules():
+        if isinstance(block, MoEBlock):
+            local = block.moe.deepspeed_moe.experts.deepspeed_experts
+            out[block.layer] = {offset + j: expert for j, expert in enumerate(local)}
+    return out
+
+
+def quantize_slots(model: "DeepSpeedGPT", int8_slots: Mapping[int, torch.Tensor]) -> int:
+    """Store this rank's slots marked True in ``int8_slots`` ({MoE layer: [P] bool}) int8
+    (``moebalance.quantize.quantize_expert_slots``). Returns the expert modules quantized."""
+    from moebalance.quantize import quantize_expert_slots
+
+    return quantize_expert_slots(expert_modules(model), int8_slots, model.num_slots)
+
+
+def expert_bytes(model: "DeepSpeedGPT") -> int:
+    """Bytes of expert weights this rank holds at rest, from the real tensors (int8 + scales
+    for int8 slots), over all MoE layers."""
+    from moebalance.quantize import expert_bytes as count
+
+    return count(expert_modules(model))

@@ -194,6 +194,7 @@ def build_model(
     checkpoint: Optional[str | Path] = None,
     placement: Optional[Mapping[int, Any]] = None,
     replicas: Optional[Any] = None,
+    int8_slots: Optional[Mapping[int, torch.Tensor]] = None,
 ):
     """A GPTModel (eval mode, on this rank's device) with router ``router`` (a name in
     ``moebalance.policies.POLICIES``, parameters ``router_params``) in every MoE layer.
@@ -205,6 +206,10 @@ def build_model(
     ``phy2log[s]`` (weights, initialisation and checkpoint keys are the logical expert's), and
     the routers pick one replica per (token, expert) (``replicas``: a
     ``moebalance.replicas.ReplicaParams``, round-robin by default).
+    ``int8_slots`` ({0-based MoE layer: [P] bool}, P = the slots per layer, E without a
+    placement): once the weights are loaded, this rank's slots marked True keep their expert
+    linear weights (fc1, fc2) int8 weight-only, dequantized around each forward
+    (``moebalance.quantize``); ``expert_bytes`` counts what the rank then holds.
     Call ``init_distributed`` first. Returns the model."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
@@ -252,6 +257,8 @@ def build_model(
         if cfg.skew != "none":
             apply_skew(model, cfg)
     weights.require_finite(model.named_parameters(), "the built model")
+    if int8_slots is not None:
+        quantize_slots(model, int8_slots)
     return model
 
 
@@ -343,3 +350,33 @@ def apply_skew(
     """``moebalance.skew.apply_skew`` on the GPTModel's MoE layers: vanilla routing then follows
     ``cfg.skew``'s load profile. Collective. Returns {layer: max / mean of the target profile}."""
     return skew.apply_skew(model, skew_layers(model), cfg, calibration_tokens)
+
+
+# ---------------------------------------------------------------------- int8 experts
+
+
+def expert_modules(model: torch.nn.Module) -> dict[int, dict[int, torch.nn.Module]]:
+    """This rank's expert MLPs, {0-based MoE layer: {global slot: module}} (slot = the
+    physical slot with a placement, the expert index without)."""
+    from .inject import moe_layers
+
+    return {
+        layer.layer_number - 1: dict(zip(layer.local_expert_indices, layer.experts.local_experts))
+        for layer in moe_layers(model)
+    }
+
+
+def quantize_slots(model: torch.nn.Module, int8_slots: Mapping[int, torch.Tensor]) -> int:
+    """Store this rank's slots marked True in ``int8_slots`` ({MoE layer: [P] bool}) int8
+    (``moebalance.quantize.quantize_expert_slots``). Returns the expert modules quantized."""
+    from moebalance.quantize import quantize_expert_slots
+
+    return quantize_expert_slots(expert_modules(model), int8_slots, model.config.num_moe_experts)
+
+
+def expert_bytes(model: torch.nn.Module) -> int:
+    """Bytes of expert weights this rank holds at rest, from the real tensors (int8 + scales
+    for int8 slots), over all MoE layers."""
+    from moebalance.quantize import expert_bytes as count
+
+    return count(expert_modules(model))
