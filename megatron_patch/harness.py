@@ -57,6 +57,21 @@ class MegatronFramework:
 
         return StaticInferenceContext(max_batch, max_sequence_length)
 
+    def expert_modules(self, model):
+        from .model import expert_modules
+
+        return expert_modules(model)
+
+    def quantize_slots(self, model, int8_slots) -> int:
+        from .model import quantize_slots
+
+        return quantize_slots(model, int8_slots)
+
+    def expert_bytes(self, model) -> int:
+        from .model import expert_bytes
+
+        return expert_bytes(model)
+
     def instrument(self, model, recorder):
         from .instrument import instrument
 

@@ -25,6 +25,7 @@ import torch
 
 __all__ = [
     "VOCAB_SIZE",
+    "DEFAULT_DOMAINS",
     "HELD_OUT_EVERY",
     "Corpus",
     "default_corpus",
@@ -36,6 +37,7 @@ __all__ = [
 ]
 
 VOCAB_SIZE = 256
+DEFAULT_DOMAINS = ("code", "prose")  # the domains of ``default_corpus``
 HELD_OUT_EVERY = 10  # document i is held out when i % 10 == 9
 _DIR_BLOCK_BYTES = 4096
 

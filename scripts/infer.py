@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a chec
 from moebalance.config import ConfigError  # noqa: E402
 from moebalance.harness import Run, get_framework  # noqa: E402
 from moebalance.harness.framework import quiet_import_warnings  # noqa: E402
+from moebalance.harness.budget import apply_memory_budget  # noqa: E402
 from moebalance.harness.cli import build_parser, run_from_args  # noqa: E402
 from moebalance.harness.cli import fail as cli_fail  # noqa: E402
 from moebalance.harness.data import lockstep_batch, make_prompts, quality_sequences  # noqa: E402
@@ -98,6 +99,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         load_scope=run.load_scope_of(first), dispatcher=cfg.dispatcher, checkpoint=cfg.checkpoint,
         placement=run.plans, replicas=run.replicas,
     )
+    memory = apply_memory_budget(framework, model, run) if cfg.memory_budget else None
     recorder = MoERecorder(
         setup.device, rank=setup.rank, ep_rank=setup.ep_rank, ep_group=setup.ep_group,
         nvtx_ranges=cfg.nvtx,
@@ -105,7 +107,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     framework.instrument(model, recorder)
     ids, pad = lockstep_batch(make_prompts(run, setup.rank), setup.device)
     eval_sequences = quality_sequences(run, setup.rank, setup.world_size)
-    report = Report(run, setup, command, int(ids.shape[1])) if rank0 else None
+    report = Report(run, setup, command, int(ids.shape[1]), memory) if rank0 else None
 
     for i, router in enumerate(run.routers):
         if i > 0:  # same model, same prompts: only the routing decision changes

@@ -297,7 +297,9 @@ def test_sigkill_of_a_worker_ends_the_torchrun_job(tmp_path, reap, nproc):
     print(f"EP {nproc}: torchrun exited {code} {job.ended - killed:.1f} s after the SIGKILL")
     assert code != 0, job.err[-3000:]
     assert job.ended - killed < KILL_BOUND_S, f"torchrun took {job.ended - killed:.1f} s"
-    assert "Signals.SIGKILL" in job.err or "exitcode: -9" in job.err, job.err[-3000:]
+    # torchrun reports the job failed; which rank it names first depends on who it saw first:
+    # the killed one (SIGKILL) or a survivor whose collective broke with the dead connection
+    assert "ChildFailedError" in job.err, job.err[-3000:]
     assert_no_orphans(out, workers)
 
 

@@ -128,8 +128,9 @@ def replicated_runs(tmp_path_factory):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     env.pop("WORLD_SIZE", None)
     out = {}
-    for name, extra in (("plain", []), ("replicas", ["--placement", str(plan),
-                                                      "--replica-policy", "least_loaded"])):
+    replicas = ["--placement", str(plan), "--replica-policy", "least_loaded"]
+    for name, extra in (("plain", []), ("replicas", replicas),
+                        ("int8", [*replicas, "--memory-budget", "same"])):
         if name == "replicas":  # calibrated on the plain run's routing (its JSON report)
             subprocess.run(
                 [sys.executable, str(root / "scripts" / "plan_placement.py"), "--loads",
@@ -157,3 +158,14 @@ def test_infer_serves_a_placement_with_the_same_outputs(replicated_runs):
     assert replicated_runs["replicas"]["config"]["run"]["replica_policy"] == "least_loaded"
     # the replicated hot experts spread: the busiest slot holds fewer tokens (LIS falls)
     assert replicas["summary"]["prefill"]["lis"]["mean"] < plain["summary"]["prefill"]["lis"]["mean"]
+
+
+def test_infer_memory_budget_keeps_expert_bytes_within_the_unreplicated_model(replicated_runs):
+    memory = replicated_runs["int8"]["memory"]
+    budget = memory["budget_per_rank"]
+    assert all(b > budget for b in memory["expert_bytes_per_rank_before"])  # 6 slots > 4 experts
+    assert all(a <= budget for a in memory["expert_bytes_per_rank_after"])
+    assert any(any(mask) for mask in memory["int8_slots"].values())
+    full = replicated_runs["replicas"]["runs"][0]["quality"]["all"]["perplexity"]
+    int8 = replicated_runs["int8"]["runs"][0]["quality"]["all"]["perplexity"]
+    assert abs(int8 / full - 1) < 0.01  # int8 weight-only experts cost well under 1% here

@@ -77,6 +77,8 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     add("--load-scope", help="LASER loads: local or global (EP all-reduce) (default: local)")
     add("--placement", help="replica placement file (scripts/plan_placement.py) for this model and EP")
     add("--replica-policy", help="round_robin, least_loaded or local_first (default: round_robin)")
+    add("--memory-budget", help="'same': int8 experts keep each rank's expert bytes within the "
+        "unreplicated model's (with --placement)")
     add("--config", "--model", dest="model",
         help="a trained model (tiny-moe, fine-moe), or a model preset or YAML path for a "
         "randomly initialised model (default: tiny-moe; with --skew the preset 'tiny')")
@@ -92,6 +94,7 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     add("--warmup", type=int, help="unmeasured generations first (default: 1)")
     add("--compare", action="store_true", help="also run vanilla top-k on the same prompts")
     add("--seed", type=int, help="prompt seed (default: 0)")
+    add("--prompt-domain", help="prompts from this text domain only (code, prose; default: both)")
     add("--eval-seqs", type=int, help="held-out sequences per domain and rank (default: 8)")
     add("--eval-len", type=int, help="tokens per held-out sequence (default: 128)")
     add("--timeout", type=float, help="collective timeout, s (default: 120)")

@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 
 from ..config import ConfigError, parse_key_values, read_yaml_mapping
+from ..corpus import DEFAULT_DOMAINS
 from ..model_config import (
     SKEWS,
     ModelConfig,
@@ -72,6 +73,9 @@ class RunConfig:
             holds the plan's physical slots and each (token, expert) pair goes to one replica.
         replica_policy: how a pair picks its replica: "round_robin", "least_loaded" or
             "local_first" (``moebalance.replicas``).
+        memory_budget: with a placement, "same": store the least important experts (Wanda-style
+            weight importance) int8 so that each rank's expert bytes do not exceed the
+            unreplicated model's (None: every slot in the model's dtype).
         compare: also run vanilla top-k first, on the same prompts.
         ep: expert-parallel size (None: the world size).
         dispatcher: the framework's token dispatcher ("alltoall", "allgather" for Megatron).
@@ -79,6 +83,8 @@ class RunConfig:
             prompt; uneven: prompt lengths differ in (prompt_len / 2, prompt_len].
         warmup: unmeasured generations before the measured one.
         seed: prompt seed.
+        prompt_domain: serve prompts of this text domain only ("code" or "prose" of the
+            default corpus; None: domains take turns). Quality is still measured on all.
         eval_seqs: held-out sequences per domain and rank for quality (0 = none); eval_len:
             tokens per held-out sequence.
         timeout: collective timeout (s).
@@ -99,6 +105,7 @@ class RunConfig:
     load_scope: str = "local"
     placement: Optional[str] = None
     replica_policy: str = "round_robin"
+    memory_budget: Optional[str] = None
     compare: bool = False
     ep: Optional[int] = None
     dispatcher: str = "alltoall"
@@ -108,6 +115,7 @@ class RunConfig:
     uneven: bool = False
     warmup: int = 1
     seed: int = 0
+    prompt_domain: Optional[str] = None
     eval_seqs: int = 8
     eval_len: int = 128
     timeout: float = 120.0
@@ -119,7 +127,10 @@ class RunConfig:
 _INT_FIELDS = ("batch", "prompt_len", "gen_len", "warmup", "seed", "eval_seqs", "eval_len")
 _BOOL_FIELDS = ("compare", "uneven", "overwrite", "nvtx")
 _STR_FIELDS = ("framework", "router", "load_scope", "dispatcher", "replica_policy")
-_OPTIONAL_STR_FIELDS = ("model", "checkpoint", "skew", "router_args_file", "placement", "out")
+_OPTIONAL_STR_FIELDS = (
+    "model", "checkpoint", "skew", "router_args_file", "placement", "memory_budget",
+    "prompt_domain", "out",
+)
 
 
 def _flag(name: str) -> str:
@@ -307,6 +318,13 @@ def resolve(
     if not (math.isfinite(cfg.timeout) and cfg.timeout > 0):
         raise ConfigError(f"--timeout must be a number of seconds > 0, got {cfg.timeout}")
     cfg, model = _model(cfg)
+    if cfg.prompt_domain is not None and (
+        cfg.checkpoint is None or cfg.prompt_domain not in DEFAULT_DOMAINS
+    ):
+        raise ConfigError(
+            f"--prompt-domain must be one of {DEFAULT_DOMAINS} with a trained model, got "
+            f"{cfg.prompt_domain!r}" + ("" if cfg.checkpoint else " for a random-init model")
+        )
     params = _router_params(cfg, model)
     check_load_scope(cfg.load_scope, cfg.router)
     if cfg.eval_seqs and cfg.eval_len > model.max_sequence_length:
@@ -337,6 +355,11 @@ def resolve(
         raise ConfigError(f"--out {out} is a directory; give a file path")
     routers = (VANILLA, cfg.router) if cfg.compare else (cfg.router,)
     replicas = ReplicaParams(policy=cfg.replica_policy)
+    if cfg.memory_budget is not None and (cfg.memory_budget != "same" or cfg.placement is None):
+        raise ConfigError(
+            f"--memory-budget must be 'same' (with --placement), got {cfg.memory_budget!r}"
+            + ("" if cfg.placement else " without --placement")
+        )
     plans = None
     if cfg.placement is not None:
         plans, _ = load_plan(cfg.placement, num_experts=model.num_experts, num_ranks=ep)

@@ -34,8 +34,8 @@ def heldout_corpus(run: Run) -> Optional[Corpus]:
 
 def make_prompts(run: Run, rank: int) -> list[torch.Tensor]:
     """This rank's ``batch`` prompts (1-D int64 each), seeded by (seed, global rank), so every
-    rank serves different data. With ``uneven`` lengths vary per prompt and per rank in
-    (prompt_len / 2, prompt_len]."""
+    rank serves different data; with ``prompt_domain`` all from that domain. With ``uneven``
+    lengths vary per prompt and per rank in (prompt_len / 2, prompt_len]."""
     cfg = run.config
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank)
     spread = max(1, cfg.prompt_len // 2)
@@ -46,7 +46,8 @@ def make_prompts(run: Run, rank: int) -> list[torch.Tensor]:
         if corpus is None:
             prompts.append(torch.randint(0, run.model.vocab_size, (length,), generator=gen))
             continue
-        text = corpus.heldout[corpus.domains[(rank + b) % len(corpus.domains)]]
+        domain = cfg.prompt_domain or corpus.domains[(rank + b) % len(corpus.domains)]
+        text = corpus.heldout[domain]
         start = int(torch.randint(0, text.numel() - length, (1,), generator=gen))
         prompts.append(text[start : start + length].long())
     return prompts

@@ -68,6 +68,15 @@ class Framework(Protocol):
     def inference_context(self, max_batch: int, max_sequence_length: int) -> Any:
         """A static KV cache with ``sequence_len_offset`` and ``enable_decode_mode()``."""
 
+    def expert_modules(self, model: torch.nn.Module) -> dict[int, dict[int, torch.nn.Module]]:
+        """This rank's expert MLPs: {0-based MoE layer: {global slot: module}}."""
+
+    def quantize_slots(self, model: torch.nn.Module, int8_slots: dict) -> int:
+        """Store this rank's slots marked True ({MoE layer: [P] bool}) int8."""
+
+    def expert_bytes(self, model: torch.nn.Module) -> int:
+        """Bytes of expert weights this rank holds at rest (from the real tensors)."""
+
     def instrument(self, model: torch.nn.Module, recorder: MoERecorder) -> Instrumentation:
         """Record every MoE layer's phases and loads into ``recorder``."""
 

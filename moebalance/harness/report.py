@@ -206,7 +206,10 @@ class Report:
     """The JSON report of one run, built on rank 0 router by router and written after each
     (``partial`` stays True until the last router has finished)."""
 
-    def __init__(self, run: Any, setup: ParallelSetup, command: list[str], padded_prompt_len: int):
+    def __init__(
+        self, run: Any, setup: ParallelSetup, command: list[str], padded_prompt_len: int,
+        memory: dict | None = None,
+    ):
         self.run = run
         self.data: dict[str, Any] = {
             "command": command,
@@ -223,6 +226,7 @@ class Report:
                 "padded_prompt_len": padded_prompt_len,
             },
             "environment": environment(setup),
+            "memory": memory,  # --memory-budget: expert bytes per rank before / after int8
             "table": "",
             "partial": True,
             "runs": [],
