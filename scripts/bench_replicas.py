@@ -8,8 +8,8 @@ in quality, on the shipped trained models at several EP sizes.
 
 For every (model, EP): a calibration run (vanilla top-k, prompts of ``--calibrate-on``, one
 domain) records the routing; ``scripts/plan_placement.py`` plans ``--redundant`` extra slots per
-rank from its loads; then every router runs twice on prompts of the other domain (a static
-placement must survive the domain shift), without and with the placement (``--placement``,
+rank from its loads; then every router runs twice on prompts of ``--evaluate-on`` (default the
+other domain: a static placement must survive the domain shift), without and with the placement (``--placement``,
 ``--replica-policy``), each launch a ``scripts/infer.py --compare`` job (vanilla top-k, then the
 router, same prompts). Rank 0 of each job writes its JSON under ``--work``; this script reads
 them and writes ``--out`` (JSON, every figure) and a markdown table beside it.
@@ -55,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--redundant", type=int, default=1, help="extra slots per rank (%(default)s)")
     p.add_argument("--replica-policy", default="least_loaded")
     p.add_argument("--calibrate-on", default="prose", choices=DEFAULT_DOMAINS)
+    p.add_argument("--evaluate-on", default=None, choices=DEFAULT_DOMAINS,
+                   help="prompt domain of the measured runs (default: the other one)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--eval-seqs", type=int, default=4)
@@ -75,7 +77,8 @@ def parse_args(argv=None):
         parse_key_values(ROUTERS["laser"], "routers")
     except (ConfigError, ValueError) as err:
         p.error(str(err))
-    args.evaluate_on = next(d for d in DEFAULT_DOMAINS if d != args.calibrate_on)
+    if args.evaluate_on is None:
+        args.evaluate_on = next(d for d in DEFAULT_DOMAINS if d != args.calibrate_on)
     return args
 
 
