@@ -19,7 +19,7 @@ CORE_TEST_FILES = [
     "tests/test_policies.py", "tests/test_laser.py", "tests/test_capacity.py",
     "tests/test_metrics.py", "tests/test_runner.py", "tests/test_weights.py",
     "tests/test_parallel.py", "tests/test_skew.py", "tests/test_config_errors.py",
-    "tests/test_model_config.py", "tests/test_telemetry_stats.py",
+    "tests/test_model_config.py", "tests/test_telemetry_stats.py", "tests/test_quantize.py",
 ]
 BLOCKED = ("megatron", "deepspeed")
 

@@ -31,7 +31,7 @@ from .config import Run
 
 __all__ = ["BASE_MIB", "weight_count", "estimate_peak_bytes", "available_bytes", "largest_batch", "check_memory"]
 
-BASE_MIB = 1100  # a CPU rank's peak RSS around a tiny model: torch, Megatron-Core, buffers
+BASE_MIB = 1200  # a CPU rank's peak RSS around a tiny model: torch, Megatron-Core, buffers
 RECEIVED_SKEW = 2.0  # tokens a rank's experts receive, as a multiple of the balanced share
 FP32 = 4
 
