@@ -10,21 +10,19 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from moebalance.harness.framework import AdapterFramework
+
 __all__ = ["DISPATCHERS", "FRAMEWORK", "DeepSpeedFramework"]
 
 DISPATCHERS = ("alltoall",)  # DeepSpeed's MOELayer: all-to-all of the padded [E, C, M] buffer
 
 
-class DeepSpeedFramework:
+class DeepSpeedFramework(AdapterFramework):
     """The DeepSpeed adapter of the harness (see ``moebalance.harness.framework``)."""
 
+    package = "deepspeed_patch"
     name = "deepspeed"
     dispatchers = DISPATCHERS
-
-    def init_distributed(self, ep_size: int, timeout_s: float):
-        from .model import init_distributed
-
-        return init_distributed(ep_size, timeout_s)
 
     def build_model(
         self, cfg, setup, *, router: str, router_params: Any, load_scope: str, dispatcher: str,
@@ -56,31 +54,6 @@ class DeepSpeedFramework:
         from .model import InferenceContext
 
         return InferenceContext(max_batch, max_sequence_length)
-
-    def expert_modules(self, model):
-        from .model import expert_modules
-
-        return expert_modules(model)
-
-    def quantize_slots(self, model, int8_slots) -> int:
-        from .model import quantize_slots
-
-        return quantize_slots(model, int8_slots)
-
-    def expert_bytes(self, model) -> int:
-        from .model import expert_bytes
-
-        return expert_bytes(model)
-
-    def instrument(self, model, recorder):
-        from .instrument import instrument
-
-        return instrument(model, recorder)
-
-    def destroy_distributed(self) -> None:
-        from .model import destroy_distributed
-
-        destroy_distributed()
 
 
 FRAMEWORK = DeepSpeedFramework()

@@ -8,21 +8,19 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-__all__ = ["DISPATCHERS", "FRAMEWORK", "MegatronFramework"]
+from moebalance.harness.framework import AdapterFramework
 
 from .model import DISPATCHERS  # the token dispatchers the harness runs
 
+__all__ = ["DISPATCHERS", "FRAMEWORK", "MegatronFramework"]
 
-class MegatronFramework:
+
+class MegatronFramework(AdapterFramework):
     """The Megatron-Core adapter of the harness (see ``moebalance.harness.framework``)."""
 
+    package = "megatron_patch"
     name = "megatron"
     dispatchers = DISPATCHERS
-
-    def init_distributed(self, ep_size: int, timeout_s: float):
-        from .model import init_distributed
-
-        return init_distributed(ep_size, timeout_s)
 
     def build_model(
         self, cfg, setup, *, router: str, router_params: Any, load_scope: str, dispatcher: str,
@@ -56,31 +54,6 @@ class MegatronFramework:
         from megatron.core.inference.contexts import StaticInferenceContext
 
         return StaticInferenceContext(max_batch, max_sequence_length)
-
-    def expert_modules(self, model):
-        from .model import expert_modules
-
-        return expert_modules(model)
-
-    def quantize_slots(self, model, int8_slots) -> int:
-        from .model import quantize_slots
-
-        return quantize_slots(model, int8_slots)
-
-    def expert_bytes(self, model) -> int:
-        from .model import expert_bytes
-
-        return expert_bytes(model)
-
-    def instrument(self, model, recorder):
-        from .instrument import instrument
-
-        return instrument(model, recorder)
-
-    def destroy_distributed(self) -> None:
-        from .model import destroy_distributed
-
-        destroy_distributed()
 
 
 FRAMEWORK = MegatronFramework()

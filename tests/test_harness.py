@@ -128,6 +128,24 @@ def test_no_option_is_taken_by_torchrun():
     assert bench.parse_args(["--ep", "2"]).ep == 2
 
 
+def test_adapters_implement_the_framework_interface_without_importing_their_framework():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from moebalance.harness.framework import Framework, get_framework\n"
+        "for name in ('megatron', 'deepspeed'):\n"
+        "    fw = get_framework(name)\n"
+        "    assert isinstance(fw, Framework) and fw.name == name, name\n"
+        "assert not {'megatron', 'deepspeed'} & set(sys.modules), sorted(sys.modules)\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
 # ----------------------------------------------------------------------------- report
 
 

@@ -23,7 +23,7 @@ from ..model_config import ModelConfig
 from ..parallel import ParallelSetup
 from ..telemetry import Instrumentation, MoERecorder
 
-__all__ = ["Framework", "ADAPTERS", "QUIET_WARNINGS", "get_framework", "quiet_import_warnings"]
+__all__ = ["Framework", "AdapterFramework", "ADAPTERS", "QUIET_WARNINGS", "get_framework", "quiet_import_warnings"]
 
 #: framework name -> the adapter module that holds its ``FRAMEWORK`` object
 ADAPTERS = {"megatron": "megatron_patch.harness", "deepspeed": "deepspeed_patch.harness"}
@@ -82,6 +82,37 @@ class Framework(Protocol):
 
     def destroy_distributed(self) -> None:
         """Tear down the process groups (after a barrier)."""
+
+
+class AdapterFramework:
+    """Base of the adapters' ``Framework`` objects: the methods that only hand a call to the
+    adapter package's own module (``<package>.model``: ``init_distributed``,
+    ``destroy_distributed``, ``expert_modules``, ``quantize_slots``, ``expert_bytes``;
+    ``<package>.instrument``: ``instrument``), imported when called so that the framework is
+    imported only then. Subclasses set ``package`` and add what differs."""
+
+    package: str
+
+    def _call(self, module: str, function: str, *args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(f"{self.package}.{module}"), function)(*args, **kwargs)
+
+    def init_distributed(self, ep_size: int, timeout_s: float) -> ParallelSetup:
+        return self._call("model", "init_distributed", ep_size, timeout_s)
+
+    def destroy_distributed(self) -> None:
+        self._call("model", "destroy_distributed")
+
+    def expert_modules(self, model: torch.nn.Module) -> dict[int, dict[int, torch.nn.Module]]:
+        return self._call("model", "expert_modules", model)
+
+    def quantize_slots(self, model: torch.nn.Module, int8_slots: dict) -> int:
+        return self._call("model", "quantize_slots", model, int8_slots)
+
+    def expert_bytes(self, model: torch.nn.Module) -> int:
+        return self._call("model", "expert_bytes", model)
+
+    def instrument(self, model: torch.nn.Module, recorder: MoERecorder) -> Instrumentation:
+        return self._call("instrument", "instrument", model, recorder)
 
 
 # Import-time notices of the frameworks that say nothing on a CPU box (no Transformer Engine
