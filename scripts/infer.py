@@ -3,9 +3,8 @@
 latency and held-out quality, with Megatron-Core or DeepSpeed.
 
     torchrun --nproc-per-node 2 scripts/infer.py --router laser --compare
-    torchrun --nproc-per-node 4 scripts/infer.py --router token_drop --uneven --dispatcher allgather
-    torchrun --nproc-per-node 2 scripts/infer.py --framework deepspeed --router laser --compare
     torchrun --nproc-per-node 2 scripts/infer.py --run-config demo --set router_args.capacity_factor=1.25
+    torchrun --nproc-per-node 2 scripts/infer.py --framework deepspeed --replicate auto --redundant 2
 
 Each rank serves its own batch of prompts while the experts of every MoE layer are spread over
 the EP group; all ranks stay in lockstep (same padded shapes, same step count). One generation
@@ -33,6 +32,7 @@ from moebalance.config import ConfigError  # noqa: E402
 from moebalance.harness import Run, get_framework  # noqa: E402
 from moebalance.harness.framework import quiet_import_warnings  # noqa: E402
 from moebalance.harness.budget import apply_memory_budget  # noqa: E402
+from moebalance.harness.calibrate import calibrate_placement  # noqa: E402
 from moebalance.harness.cli import build_parser, run_from_args  # noqa: E402
 from moebalance.harness.cli import fail as cli_fail  # noqa: E402
 from moebalance.harness.data import lockstep_batch, make_prompts, quality_sequences  # noqa: E402
@@ -93,6 +93,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             f"routers {' then '.join(run.routers)}",
             file=sys.stderr, flush=True,
         )
+    if cfg.replicate:  # plan replicas on a calibration pass of the unreplicated model first
+        run = calibrate_placement(framework, setup, run, command)
     first = run.routers[0]
     model = framework.build_model(
         model_cfg, setup, router=first, router_params=run.params_of(first),

@@ -317,6 +317,13 @@ INFER_BAD = [
     (["--router-args-file", "/nonexistent.yaml"], "--router-args-file", "not found"),
     (["--run", "demo"], "--run", "unrecognized"),  # no abbreviations
     (["--config", "tiny", "--skew", "flat"], "--skew", "olmoe"),
+    (["--replicate", "yes"], "--replicate", "'auto'"),
+    (["--replicate", "auto", "--redundant", "0"], "--redundant", ">= 1"),
+    (["--calibration-domain", "code"], "--calibration-domain", "--replicate auto"),
+    (["--memory-budget", "same"], "--memory-budget", "without replicas"),
+    (["--placement", "/nonexistent-plan.json"], "placement file", "not found"),
+    (["--prompt-domain", "poetry"], "--prompt-domain", "('code', 'prose')"),
+    (["--replica-policy", "random"], "policy", "round_robin"),
 ]
 
 

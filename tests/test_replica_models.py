@@ -169,3 +169,37 @@ def test_infer_memory_budget_keeps_expert_bytes_within_the_unreplicated_model(re
     full = replicated_runs["replicas"]["runs"][0]["quality"]["all"]["perplexity"]
     int8 = replicated_runs["int8"]["runs"][0]["quality"]["all"]["perplexity"]
     assert abs(int8 / full - 1) < 0.01  # int8 weight-only experts cost well under 1% here
+
+
+def test_infer_replicate_auto_plans_on_its_own_calibration_pass(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from moebalance.placement import load_plan
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "auto.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.pop("WORLD_SIZE", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(root / "scripts" / "infer.py"), "--framework", "deepspeed", "--router", "topk",
+         "--replicate", "auto", "--redundant", "2", "--calibration-domain", "prose",
+         "--prompt-domain", "code", "--batch", "2", "--prompt-len", "32", "--gen-len", "2",
+         "--eval-seqs", "0", "--out", str(out)],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(out.read_text())
+    plans, provenance = load_plan(out.with_suffix(".plan.json"), num_experts=8, num_ranks=2)
+    assert sorted(plans) == [0, 1, 2, 3] and {p.num_slots for p in plans.values()} == {12}
+    assert "prose" in provenance["data"] and "--replicate" in provenance["command"]
+    # the served model holds the planned slots: 6 per rank in every record
+    assert {len(r["local_experts"]) for r in report["runs"][0]["records"]} == {6}
+    # the hottest calibrated expert of each layer got more than one replica
+    for layer, plan in plans.items():
+        loads = provenance["loads"][str(layer)]
+        assert int(plan.logcnt[loads.index(max(loads))]) > 1

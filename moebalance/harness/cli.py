@@ -76,6 +76,9 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     add("--router-args-file", help="YAML mapping of router parameters (per_layer included)")
     add("--load-scope", help="LASER loads: local or global (EP all-reduce) (default: local)")
     add("--placement", help="replica placement file (scripts/plan_placement.py) for this model and EP")
+    add("--replicate", help="'auto': plan replicas on a calibration pass first (no --placement)")
+    add("--redundant", type=int, help="with --replicate: extra expert slots per rank (default: 1)")
+    add("--calibration-domain", help="with --replicate: code or prose (default: prose)")
     add("--replica-policy", help="round_robin, least_loaded or local_first (default: round_robin)")
     add("--memory-budget", help="'same': int8 experts keep each rank's expert bytes within the "
         "unreplicated model's (with --placement)")

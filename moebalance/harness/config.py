@@ -71,6 +71,12 @@ class RunConfig:
         placement: a replica placement file (``moebalance.placement.save_plan``, e.g. written
             by ``scripts/plan_placement.py``) for this model and EP size: every MoE layer then
             holds the plan's physical slots and each (token, expert) pair goes to one replica.
+        replicate: "auto": plan the placement on this run's own calibration pass first
+            (``moebalance.harness.calibrate``: vanilla top-k over held-out text of
+            ``calibration_domain``, ``redundant`` extra slots per rank), instead of a
+            ``placement`` file; the plan is saved beside ``out``.
+        redundant: extra expert slots per rank with ``replicate`` (>= 1).
+        calibration_domain: the text domain ``replicate`` calibrates on (None: "prose").
         replica_policy: how a pair picks its replica: "round_robin", "least_loaded" or
             "local_first" (``moebalance.replicas``).
         memory_budget: with a placement, "same": store the least important experts (Wanda-style
@@ -104,6 +110,9 @@ class RunConfig:
     router_args_file: Optional[str] = None
     load_scope: str = "local"
     placement: Optional[str] = None
+    replicate: Optional[str] = None
+    redundant: int = 1
+    calibration_domain: Optional[str] = None
     replica_policy: str = "round_robin"
     memory_budget: Optional[str] = None
     compare: bool = False
@@ -124,12 +133,14 @@ class RunConfig:
     nvtx: bool = True
 
 
-_INT_FIELDS = ("batch", "prompt_len", "gen_len", "warmup", "seed", "eval_seqs", "eval_len")
+_INT_FIELDS = (
+    "batch", "prompt_len", "gen_len", "warmup", "seed", "eval_seqs", "eval_len", "redundant",
+)
 _BOOL_FIELDS = ("compare", "uneven", "overwrite", "nvtx")
 _STR_FIELDS = ("framework", "router", "load_scope", "dispatcher", "replica_policy")
 _OPTIONAL_STR_FIELDS = (
     "model", "checkpoint", "skew", "router_args_file", "placement", "memory_budget",
-    "prompt_domain", "out",
+    "prompt_domain", "replicate", "calibration_domain", "out",
 )
 
 
@@ -232,8 +243,12 @@ class Run:
 
     @property
     def num_slots(self) -> int:
-        """Physical expert slots per MoE layer (the model's experts without a placement)."""
-        return self.model.num_experts if not self.plans else next(iter(self.plans.values())).num_slots
+        """Physical expert slots per MoE layer (the model's experts without replicas)."""
+        if self.plans:
+            return next(iter(self.plans.values())).num_slots
+        if self.config.replicate:
+            return self.model.num_experts + self.config.redundant * self.ep
+        return self.model.num_experts
 
     def params_of(self, router: str) -> Any:
         """The parameters of ``router`` in this run (None for vanilla under ``compare``)."""
@@ -355,10 +370,25 @@ def resolve(
         raise ConfigError(f"--out {out} is a directory; give a file path")
     routers = (VANILLA, cfg.router) if cfg.compare else (cfg.router,)
     replicas = ReplicaParams(policy=cfg.replica_policy)
-    if cfg.memory_budget is not None and (cfg.memory_budget != "same" or cfg.placement is None):
+    replicated = cfg.placement is not None or cfg.replicate is not None
+    if cfg.replicate is not None and (cfg.replicate != "auto" or cfg.placement is not None):
         raise ConfigError(
-            f"--memory-budget must be 'same' (with --placement), got {cfg.memory_budget!r}"
-            + ("" if cfg.placement else " without --placement")
+            f"--replicate must be 'auto' (instead of --placement), got {cfg.replicate!r}"
+            + (" with --placement" if cfg.placement is not None else "")
+        )
+    if cfg.redundant < 1:
+        raise ConfigError(f"--redundant must be >= 1 extra slot per rank, got {cfg.redundant}")
+    if cfg.calibration_domain is not None and (
+        cfg.replicate is None or cfg.calibration_domain not in DEFAULT_DOMAINS
+    ):
+        raise ConfigError(
+            f"--calibration-domain must be one of {DEFAULT_DOMAINS} with --replicate auto, got "
+            f"{cfg.calibration_domain!r}"
+        )
+    if cfg.memory_budget is not None and (cfg.memory_budget != "same" or not replicated):
+        raise ConfigError(
+            f"--memory-budget must be 'same' (with --placement or --replicate), got "
+            f"{cfg.memory_budget!r}" + ("" if replicated else " without replicas")
         )
     plans = None
     if cfg.placement is not None:
