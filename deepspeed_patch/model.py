@@ -608,3 +608,13 @@ def expert_bytes(model: "DeepSpeedGPT") -> int:
     from moebalance.quantize import expert_bytes as count
 
     return count(expert_modules(model))
+
+
+def set_placement(model: "DeepSpeedGPT", layer: int, placement: Any) -> None:
+    """Serve MoE layer ``layer`` with ``placement`` from now on (the slots' weights must already
+    hold their new experts: ``moebalance.rebalance``): the gate's layout and the model's maps."""
+    for block in model.modules():
+        if isinstance(block, MoEBlock) and block.layer == layer:
+            block.placement = placement
+            block.moe.deepspeed_moe.gate.runner.set_layout(placement)
+    model.placement[layer] = placement

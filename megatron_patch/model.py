@@ -380,3 +380,15 @@ def expert_bytes(model: torch.nn.Module) -> int:
     from moebalance.quantize import expert_bytes as count
 
     return count(expert_modules(model))
+
+
+def set_placement(model: torch.nn.Module, layer: int, placement: Any) -> None:
+    """Serve MoE layer ``layer`` (0-based) with ``placement`` from now on (same slots per rank;
+    the slots' weights must already hold their new experts: ``moebalance.rebalance``): the
+    router's layout and the model's map for checkpoint names."""
+    from .inject import moe_layers
+
+    for moe in moe_layers(model):
+        if moe.layer_number - 1 == layer:
+            moe.router.runner.set_layout(placement)
+    model.placement[layer] = placement

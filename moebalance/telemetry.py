@@ -148,6 +148,7 @@ class MoERecorder:
         self._push = push if nvtx_ranges else (lambda message: None)
         self._pop = pop if nvtx_ranges else (lambda: None)
         self._rows: list[LayerStep] = []
+        self.last_step: list[LayerStep] = []  # the rows of the latest finished step
         self._step = -1
         self._phase: str | None = None
         self._warmup = False
@@ -192,7 +193,8 @@ class MoERecorder:
                 setattr(row, name, getattr(row, name) + int(value))
         self._pending_events.clear()
         self._pending_tensors.clear()
-        self._rows.extend(self._current[layer] for layer in sorted(self._current))
+        self.last_step = [self._current[layer] for layer in sorted(self._current)]
+        self._rows.extend(self.last_step)
         self._current = {}
         self._phase = None
 

@@ -38,6 +38,7 @@ from moebalance.harness.cli import fail as cli_fail  # noqa: E402
 from moebalance.harness.data import lockstep_batch, make_prompts, quality_sequences  # noqa: E402
 from moebalance.harness.generate import measure  # noqa: E402
 from moebalance.harness.quality import heldout_quality  # noqa: E402
+from moebalance.harness.rebalance import Rebalancer  # noqa: E402
 from moebalance.harness.report import Report, claim_output  # noqa: E402
 from moebalance.harness.startup import agree_across_ranks  # noqa: E402
 from moebalance.parallel import RendezvousError  # noqa: E402
@@ -107,6 +108,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         nvtx_ranges=cfg.nvtx,
     )
     framework.instrument(model, recorder)
+    rebalancer = Rebalancer(framework, model, run, setup, recorder) if cfg.rebalance_every else None
     ids, pad = lockstep_batch(make_prompts(run, setup.rank), setup.device)
     eval_sequences = quality_sequences(run, setup.rank, setup.world_size)
     report = Report(run, setup, command, int(ids.shape[1]), memory) if rank0 else None
@@ -115,8 +117,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if i > 0:  # same model, same prompts: only the routing decision changes
             framework.swap_router(model, router, run.params_of(router), run.load_scope_of(router))
         local = measure(
-            framework, model, ids, pad, gen_len=cfg.gen_len, warmup=cfg.warmup, recorder=recorder
+            framework, model, ids, pad, gen_len=cfg.gen_len, warmup=cfg.warmup, recorder=recorder,
+            on_step=rebalancer.after_step if rebalancer else None,
         )
+        local["rebalancing"] = rebalancer.events if rebalancer else None
         held_out = heldout_quality(model, eval_sequences, setup.device)  # this router active
         per_rank = gather_to_rank0(local)
         if rank0:

@@ -129,8 +129,10 @@ def replicated_runs(tmp_path_factory):
     env.pop("WORLD_SIZE", None)
     out = {}
     replicas = ["--placement", str(plan), "--replica-policy", "least_loaded"]
+    rebalanced = ["--replicate", "auto", "--rebalance-every", "1", "--rebalance-window", "2"]
     for name, extra in (("plain", []), ("replicas", replicas),
-                        ("int8", [*replicas, "--memory-budget", "same"])):
+                        ("int8", [*replicas, "--memory-budget", "same"]),
+                        ("rebalanced", rebalanced)):
         if name == "replicas":  # calibrated on the plain run's routing (its JSON report)
             subprocess.run(
                 [sys.executable, str(root / "scripts" / "plan_placement.py"), "--loads",
@@ -203,3 +205,16 @@ def test_infer_replicate_auto_plans_on_its_own_calibration_pass(tmp_path):
     for layer, plan in plans.items():
         loads = provenance["loads"][str(layer)]
         assert int(plan.logcnt[loads.index(max(loads))]) > 1
+
+
+def test_online_rebalancing_moves_weights_without_changing_the_model(replicated_runs):
+    plain, moving = replicated_runs["plain"]["runs"][0], replicated_runs["rebalanced"]["runs"][0]
+    # the weights followed their experts: the same outputs as the unreplicated model
+    assert moving["quality"] == plain["quality"]
+    assert [r["tokens"] for r in moving["per_rank"]] == [r["tokens"] for r in plain["per_rank"]]
+    events = [r["rebalancing"] for r in moving["per_rank"]]
+    assert len(events[0]) == len(events[1]) == 2 * 3  # every step of warm-up and measured run
+    assert sum(e["slots_moved"] for e in events[0]) > 0
+    for a, b in zip(*events):  # lockstep: same step, same moves; what one sends the other gets
+        assert a["step"] == b["step"] and a["slots_moved"] == b["slots_moved"]
+        assert a["sent_bytes"] == b["received_bytes"] and b["sent_bytes"] == a["received_bytes"]

@@ -79,6 +79,8 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     add("--replicate", help="'auto': plan replicas on a calibration pass first (no --placement)")
     add("--redundant", type=int, help="with --replicate: extra expert slots per rank (default: 1)")
     add("--calibration-domain", help="with --replicate: code or prose (default: prose)")
+    add("--rebalance-every", type=int, help="with replicas: re-plan and move weights every N steps")
+    add("--rebalance-window", type=int, help="steps of loads each re-plan sums (default: 16)")
     add("--replica-policy", help="round_robin, least_loaded or local_first (default: round_robin)")
     add("--memory-budget", help="'same': int8 experts keep each rank's expert bytes within the "
         "unreplicated model's (with --placement)")

@@ -77,6 +77,9 @@ class RunConfig:
             ``placement`` file; the plan is saved beside ``out``.
         redundant: extra expert slots per rank with ``replicate`` (>= 1).
         calibration_domain: the text domain ``replicate`` calibrates on (None: "prose").
+        rebalance_every: with replicas, re-plan and move the changed slots' weights every this
+            many model steps (``moebalance.harness.rebalance``; 0 = a static placement);
+            rebalance_window: the steps of loads each re-plan sums.
         replica_policy: how a pair picks its replica: "round_robin", "least_loaded" or
             "local_first" (``moebalance.replicas``).
         memory_budget: with a placement, "same": store the least important experts (Wanda-style
@@ -113,6 +116,8 @@ class RunConfig:
     replicate: Optional[str] = None
     redundant: int = 1
     calibration_domain: Optional[str] = None
+    rebalance_every: int = 0
+    rebalance_window: int = 16
     replica_policy: str = "round_robin"
     memory_budget: Optional[str] = None
     compare: bool = False
@@ -135,6 +140,7 @@ class RunConfig:
 
 _INT_FIELDS = (
     "batch", "prompt_len", "gen_len", "warmup", "seed", "eval_seqs", "eval_len", "redundant",
+    "rebalance_every", "rebalance_window",
 )
 _BOOL_FIELDS = ("compare", "uneven", "overwrite", "nvtx")
 _STR_FIELDS = ("framework", "router", "load_scope", "dispatcher", "replica_policy")
@@ -356,6 +362,8 @@ def resolve(
         raise ConfigError(f"--ep {ep} must be >= 1 and divide the world size {world_size}")
     if model.num_experts % ep and cfg.placement is None:
         raise ConfigError(f"--ep {ep} must divide the model's num_experts {model.num_experts}")
+    if cfg.rebalance_every and ep != world_size:
+        raise ConfigError(f"--rebalance-every needs --ep equal to the world size {world_size}")
     if cuda_devices and local_world_size > cuda_devices:
         raise ConfigError(
             f"{local_world_size} ranks per node but {cuda_devices} GPU(s): NCCL needs one GPU "
@@ -384,6 +392,16 @@ def resolve(
         raise ConfigError(
             f"--calibration-domain must be one of {DEFAULT_DOMAINS} with --replicate auto, got "
             f"{cfg.calibration_domain!r}"
+        )
+    if cfg.rebalance_every < 0 or cfg.rebalance_window < 1:
+        raise ConfigError(
+            f"--rebalance-every must be >= 0 and --rebalance-window >= 1, got "
+            f"{cfg.rebalance_every} and {cfg.rebalance_window}"
+        )
+    if cfg.rebalance_every and (not replicated or cfg.memory_budget is not None):
+        raise ConfigError(
+            "--rebalance-every needs replicas (--placement or --replicate) and full-precision "
+            "experts (not with --memory-budget)"
         )
     if cfg.memory_budget is not None and (cfg.memory_budget != "same" or not replicated):
         raise ConfigError(

@@ -77,6 +77,9 @@ class Framework(Protocol):
     def expert_bytes(self, model: torch.nn.Module) -> int:
         """Bytes of expert weights this rank holds at rest (from the real tensors)."""
 
+    def set_placement(self, model: torch.nn.Module, layer: int, placement: Any) -> None:
+        """Serve MoE layer ``layer`` with ``placement`` (its slots' weights already moved)."""
+
     def instrument(self, model: torch.nn.Module, recorder: MoERecorder) -> Instrumentation:
         """Record every MoE layer's phases and loads into ``recorder``."""
 
@@ -110,6 +113,9 @@ class AdapterFramework:
 
     def expert_bytes(self, model: torch.nn.Module) -> int:
         return self._call("model", "expert_bytes", model)
+
+    def set_placement(self, model: torch.nn.Module, layer: int, placement: Any) -> None:
+        self._call("model", "set_placement", model, layer, placement)
 
     def instrument(self, model: torch.nn.Module, recorder: MoERecorder) -> Instrumentation:
         return self._call("instrument", "instrument", model, recorder)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -72,10 +72,12 @@ def generate(
     recorder: MoERecorder,
     *,
     warmup: bool,
+    on_step: Optional[Callable[[], None]] = None,
 ) -> dict[str, Any]:
     """One greedy generation of ``gen_len`` tokens from ``ids`` [B, S] (``pad`` [B, S] bool,
-    True = padding, routed to no expert). Returns {"tokens": [B, gen_len] int64, "prefill_ms",
-    "decode_ms"} (wall time, ms)."""
+    True = padding, routed to no expert). ``on_step`` runs after every model step (online
+    rebalancing). Returns {"tokens": [B, gen_len] int64, "prefill_ms", "decode_ms"} (wall
+    time, ms)."""
     device = ids.device
     B, S = ids.shape
     total = S + gen_len
@@ -94,6 +96,8 @@ def generate(
     )
     recorder.end_step()
     check_router_logits(model, "prefill")
+    if on_step is not None:
+        on_step()
     tokens = [logits[:, -1].argmax(dim=-1)]
     _sync(device)
     prefill_ms = (time.perf_counter() - start) * 1e3
@@ -113,6 +117,8 @@ def generate(
         )
         recorder.end_step()
         check_router_logits(model, f"decode step {step + 1}")
+        if on_step is not None:
+            on_step()
         tokens.append(logits[:, -1].argmax(dim=-1))
         context.sequence_len_offset += 1
     _sync(device)
@@ -130,15 +136,16 @@ def measure(
     gen_len: int,
     warmup: int,
     recorder: MoERecorder,
+    on_step: Optional[Callable[[], None]] = None,
 ) -> dict[str, Any]:
     """``warmup`` unmeasured generations, then one measured one. Returns this rank's figures:
     prefill and decode wall time (ms), generated and prompt tokens, peak memory (MiB), the
     generated tokens and the telemetry records (warm-up left out)."""
     for _ in range(warmup):
-        generate(framework, model, ids, pad, gen_len, recorder, warmup=True)
+        generate(framework, model, ids, pad, gen_len, recorder, warmup=True, on_step=on_step)
     recorder.clear()  # the measured generation's steps are numbered from 0
     reset_peak_memory(ids.device)
-    result = generate(framework, model, ids, pad, gen_len, recorder, warmup=False)
+    result = generate(framework, model, ids, pad, gen_len, recorder, warmup=False, on_step=on_step)
     decode_steps = gen_len - 1
     return {
         "prefill_ms": result["prefill_ms"],
