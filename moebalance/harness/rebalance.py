@@ -1,8 +1,9 @@
 """``--rebalance-every N``: online rebalancing while serving, as vLLM's EPLB does.
 
 Every N model steps (prefill and decode steps alike, warm-up included: the server is
-serving), the slot loads of the last ``rebalance_window`` steps are summed over the EP group
-(one all-reduce), folded onto the logical experts, and each MoE layer is re-planned with the
+serving), the logical expert loads of the last ``rebalance_window`` steps (each step's slot
+loads folded with the placement in force then) are summed over the EP group (one
+all-reduce), and each MoE layer is re-planned with the
 same slots (``moebalance.placement.plan_placement``), aligned so that experts a rank keeps stay
 in their slots (``moebalance.rebalance.align_placement``); the changed slots' weights move
 between ranks (``move_expert_weights``: local copies or send / recv pairs, every rank in the
@@ -42,10 +43,14 @@ class Rebalancer:
         self.events: list[dict] = []
 
     def after_step(self) -> None:
-        loads = torch.zeros(len(self.layers), self.num_slots, dtype=torch.float64)
+        # logical loads, folded with the placement in force at this step (the window spans
+        # earlier re-plans: a slot may have held another expert then)
+        E = self.plans[self.layers[0]].num_experts
+        loads = torch.zeros(len(self.layers), E, dtype=torch.float64)
         for row in self.recorder.last_step:
             i = self.layers.index(row.layer)
-            loads[i, row.local_experts] += torch.tensor(row.tokens_per_expert, dtype=torch.float64)
+            experts = self.plans[row.layer].phy2log[row.local_experts]
+            loads[i].index_add_(0, experts, torch.tensor(row.tokens_per_expert, dtype=torch.float64))
         self.window.append(loads)
         self.steps += 1
         if self.steps % self.every == 0:
@@ -53,17 +58,15 @@ class Rebalancer:
 
     def rebalance(self) -> None:
         start = time.perf_counter()
-        slot_loads = torch.stack(list(self.window)).sum(dim=0)
+        logical_loads = torch.stack(list(self.window)).sum(dim=0)  # [layers, E]
         if dist.is_initialized():
-            dist.all_reduce(slot_loads)
+            dist.all_reduce(logical_loads)
         experts = self.framework.expert_modules(self.model)
         moved, traffic = 0, {"sent_bytes": 0, "received_bytes": 0, "copied_bytes": 0}
         for i, layer in enumerate(self.layers):
             old = self.plans[layer]
-            logical = torch.zeros(old.num_experts, dtype=torch.float64).index_add_(
-                0, old.phy2log, slot_loads[i]
-            )
-            new = align_placement(old, plan_placement(logical, self.num_slots, old.num_ranks))
+            plan = plan_placement(logical_loads[i], self.num_slots, old.num_ranks)
+            new = align_placement(old, plan)
             moves = slot_moves(old, new)
             if not moves:
                 continue
