@@ -191,7 +191,7 @@ def test_infer_replicate_auto_plans_on_its_own_calibration_pass(tmp_path):
          str(root / "scripts" / "infer.py"), "--framework", "deepspeed", "--router", "topk",
          "--replicate", "auto", "--redundant", "2", "--calibration-domain", "prose",
          "--prompt-domain", "code", "--batch", "2", "--prompt-len", "32", "--gen-len", "2",
-         "--eval-seqs", "0", "--out", str(out)],
+         "--eval-seqs", "0", "--memory-budget", "same", "--out", str(out)],
         cwd=root, env=env, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-4000:]
@@ -205,6 +205,13 @@ def test_infer_replicate_auto_plans_on_its_own_calibration_pass(tmp_path):
     for layer, plan in plans.items():
         loads = provenance["loads"][str(layer)]
         assert int(plan.logcnt[loads.index(max(loads))]) > 1
+        # activation importance: zero exactly for the experts calibration never reached
+        importance = provenance["importance"][str(layer)]
+        assert [v == 0 for v in importance] == [load == 0 for load in loads]
+    # the int8 choice used those importances, and the budget holds
+    memory = report["memory"]
+    assert memory["importance"] == "activations"
+    assert all(a <= memory["budget_per_rank"] for a in memory["expert_bytes_per_rank_after"])
 
 
 def test_online_rebalancing_moves_weights_without_changing_the_model(replicated_runs):

@@ -1,10 +1,11 @@
 """``--memory-budget same``: with replicas, store the least important experts int8 so that each
 rank's expert bytes do not exceed the unreplicated model's, counted from the real tensors.
 
-Importance is Wanda-style on the weights alone (``moebalance.quantize.expert_importance`` of
-each expert's first-layer weight with unit input norms): calibration activations are not
-collected here. Every rank computes the same int8 plan from the importance of every logical
-expert, gathered once from the ranks that hold it.
+Importance is Wanda-style (``moebalance.quantize.expert_importance``): with the calibration
+activations' input norms when the run has them (``Run.importance``: ``--replicate auto``, or a
+plan file whose provenance carries them), else on the first-layer weights alone (unit input
+norms), gathered once from the ranks that hold each expert. Every rank computes the same int8
+plan.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def _gather(obj: Any) -> list[Any]:
 def apply_memory_budget(framework: Framework, model: torch.nn.Module, run: Run) -> dict:
     """Quantize the slots ``int8_plan_for_budget`` picks (collective: every rank calls it).
     Returns {"expert_bytes_per_rank_before": [...], "after": [...], "budget_per_rank",
-    "int8_slots": {layer: [P] bools}} (bytes)."""
+    "int8_slots": {layer: [P] bools}, "importance": "activations" or "weights"} (bytes)."""
     experts = framework.expert_modules(model)
     before = framework.expert_bytes(model)
     E = run.model.num_experts
@@ -43,13 +44,15 @@ def apply_memory_budget(framework: Framework, model: torch.nn.Module, run: Run) 
         for slot, module in slots.items():
             local_scores[(layer, int(phy2log[slot]))] = expert_importance([module.linear_fc1.weight])
             sizes = sizes or (module_weight_bytes(module), int8_weight_bytes(module))
-    scores: dict = {}
-    for part in _gather(local_scores):
-        scores.update(part)
-    importance = {
-        layer: torch.tensor([scores[(layer, e)] for e in range(E)], dtype=torch.float64)
-        for layer in run.plans
-    }
+    importance = run.importance
+    if importance is None:  # weights only
+        scores: dict = {}
+        for part in _gather(local_scores):
+            scores.update(part)
+        importance = {
+            layer: torch.tensor([scores[(layer, e)] for e in range(E)], dtype=torch.float64)
+            for layer in run.plans
+        }
     full, int8 = (torch.full((E,), float(b)) for b in sizes)
     int8_slots = int8_plan_for_budget(run.plans, importance, full, int8)
     framework.quantize_slots(model, int8_slots)
@@ -60,4 +63,5 @@ def apply_memory_budget(framework: Framework, model: torch.nn.Module, run: Run) 
         "expert_bytes_per_rank_after": [a for _, a in per_rank],
         "budget_per_rank": unreplicated_bytes_per_rank(full, run.ep) * len(run.plans),
         "int8_slots": {layer: mask.tolist() for layer, mask in int8_slots.items()},
+        "importance": "weights" if run.importance is None else "activations",
     }

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
 
 from ..config import ConfigError, parse_key_values, read_yaml_mapping
 from ..corpus import DEFAULT_DOMAINS
@@ -235,6 +237,10 @@ class Run:
         out: the JSON path.
         plans: {0-based MoE layer: Placement} from ``placement`` (None without replicas);
         replicas: the ``ReplicaParams`` of ``replica_policy``.
+        importance: {0-based MoE layer: [E] float64} Wanda-style importance of each logical
+            expert from calibration activations (``moebalance.harness.calibrate``; stored in
+            the plan's provenance), or None: ``--memory-budget`` then ranks experts by their
+            weights alone.
     """
 
     config: RunConfig
@@ -246,6 +252,7 @@ class Run:
     out: Path
     plans: Optional[dict] = None
     replicas: Any = None
+    importance: Optional[dict] = None
 
     @property
     def num_slots(self) -> int:
@@ -408,10 +415,39 @@ def resolve(
             f"--memory-budget must be 'same' (with --placement or --replicate), got "
             f"{cfg.memory_budget!r}" + ("" if replicated else " without replicas")
         )
-    plans = None
+    plans = importance = None
     if cfg.placement is not None:
-        plans, _ = load_plan(cfg.placement, num_experts=model.num_experts, num_ranks=ep)
+        plans, provenance = load_plan(cfg.placement, num_experts=model.num_experts, num_ranks=ep)
         check_plans_fit(
             plans, num_experts=model.num_experts, moe_layers=model.moe_layer_indices, ep_size=ep
         )
-    return Run(cfg, model, params, routers, world_size, ep, out.resolve(), plans, replicas)
+        importance = importance_from_provenance(
+            provenance, plans, f"--placement {cfg.placement}"
+        )
+    return Run(cfg, model, params, routers, world_size, ep, out.resolve(), plans, replicas,
+               importance)
+
+
+def importance_from_provenance(provenance: dict, plans: dict, where: str) -> Optional[dict]:
+    """The plan's stored expert importance ({layer: [E] float64}), None when it has none;
+    ConfigError (one line) when it does not cover every planned layer with E finite values
+    >= 0."""
+    stored = provenance.get("importance")
+    if stored is None:
+        return None
+    E = next(iter(plans.values())).num_experts
+    ok = isinstance(stored, dict) and {str(layer) for layer in plans} == set(stored)
+    out = {}
+    for layer in plans if ok else ():
+        values = stored[str(layer)]
+        if not (isinstance(values, list) and len(values) == E and all(
+                type(v) in (int, float) and math.isfinite(v) and v >= 0 for v in values)):
+            ok = False
+            break
+        out[layer] = torch.tensor(values, dtype=torch.float64)
+    if not ok:
+        raise ConfigError(
+            f"{where}: provenance 'importance' must map every planned layer to {E} finite "
+            f"values >= 0"
+        )
+    return out
