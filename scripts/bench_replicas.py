@@ -11,8 +11,11 @@ domain) records the routing; ``scripts/plan_placement.py`` plans ``--redundant``
 rank from its loads; then every router runs twice on prompts of ``--evaluate-on`` (default the
 other domain: a static placement must survive the domain shift), without and with the placement (``--placement``,
 ``--replica-policy``), each launch a ``scripts/infer.py --compare`` job (vanilla top-k, then the
-router, same prompts). Rank 0 of each job writes its JSON under ``--work``; this script reads
-them and writes ``--out`` (JSON, every figure) and a markdown table beside it.
+router, same prompts). With ``--rebalance-every N`` vanilla top-k also runs with the placement
+adapting online (``infer.py --rebalance-every N``: re-planned every N steps from the served
+domain's loads during the warm-up generations). Rank 0 of each job writes its JSON under
+``--work``; this script reads them and writes ``--out`` (JSON, every figure) and a markdown
+table beside it.
 
 Figures per run (prefill, p50 over (step, layer) samples): rank imbalance (max / mean tokens
 per rank), LIS (the busiest slot's tokens over the mean logical expert's T k / E), straggler
@@ -60,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--eval-seqs", type=int, default=4)
+    p.add_argument("--rebalance-every", type=int, default=2,
+                   help="also run vanilla top-k rebalancing online every N steps (0: no)")
     p.add_argument("--work", default="/tmp/bench_replicas", help="folder for the runs' JSON")
     p.add_argument("--out", default=str(ROOT / "results" / "replicas_cpu.json"))
     args = p.parse_args(argv)
@@ -71,6 +76,8 @@ def parse_args(argv=None):
         args.ep = [int(e) for e in args.ep.split(",")]
         if any(e < 1 for e in args.ep):
             raise ConfigError(f"--ep sizes must be >= 1, got {args.ep}")
+        if args.rebalance_every < 0:
+            raise ConfigError(f"--rebalance-every must be >= 0, got {args.rebalance_every}")
         for name in ("redundant", "batch", "prompt_len", "eval_seqs"):
             if getattr(args, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
@@ -95,7 +102,7 @@ def _infer(args, model: str, ep: int, out: Path, *extra: str) -> dict:
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
         str(ep), str(ROOT / "scripts" / "infer.py"), "--config", model, "--batch",
         str(args.batch), "--prompt-len", str(args.prompt_len), "--gen-len", "2", "--warmup",
-        "1", "--out", str(out), "--overwrite", *extra,
+        "1", "--out", str(out), "--overwrite", *extra,  # a later --warmup overrides
     ], f"infer.py {' '.join(extra)} on {model} at EP {ep}")
     return json.loads(out.read_text())
 
@@ -152,6 +159,24 @@ def main(argv=None) -> int:
                             continue  # vanilla once per (model, EP, replicas)
                         rows.append({"model": model, "ep": ep, "replicas": replicas,
                                      **_figures(run, base)})
+            if args.rebalance_every:  # the placement adapts online to the served domain
+                report = _infer(
+                    args, model, ep, work / f"{tag}_topk_rebalanced.json", "--router", "topk",
+                    "--prompt-domain", args.evaluate_on, "--eval-seqs", str(args.eval_seqs),
+                    "--placement", str(plan), "--replica-policy", args.replica_policy,
+                    "--rebalance-every", str(args.rebalance_every), "--rebalance-window", "4",
+                    "--warmup", "2",
+                )
+                row = {"model": model, "ep": ep, "replicas": "rebalanced",
+                       **_figures(report["runs"][0], base)}
+                events = report["runs"][0]["per_rank"][0]["rebalancing"]
+                row["rebalancing"] = {
+                    "events": len(events),
+                    "slots_moved": sum(e["slots_moved"] for e in events),
+                    "bytes_moved_rank0": sum(e["sent_bytes"] + e["received_bytes"] for e in events),
+                    "ms_rank0": sum(e["ms"] for e in events),
+                }
+                rows.append(row)
             print(f"{PROG}: {tag} done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
     command = "python scripts/bench_replicas.py " + " ".join(sys.argv[1:] if argv is None else argv)
     write_json(Path(args.out), {
@@ -176,7 +201,9 @@ def main(argv=None) -> int:
     for r in rows:
         ppl = f"{100 * r['perplexity_change']:+.2f}%" if r["perplexity_change"] is not None else "n/a"
         lines.append(
-            f"| {r['model']} | {r['ep']} | {'yes' if r['replicas'] else 'no'} | {r['router']} | "
+            f"| {r['model']} | {r['ep']} | "
+            f"{r['replicas'] if isinstance(r['replicas'], str) else ('yes' if r['replicas'] else 'no')} | "
+            f"{r['router']} | "
             f"{r['rank_imbalance_p50']:.3f} | {r['lis_p50']:.3f} | "
             f"{100 * r['dropped_fraction']:.2f}% | {ppl} | {r['straggler_ms_p50']:.2f} |"
         )
