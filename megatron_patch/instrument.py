@@ -20,7 +20,7 @@ combine -> postprocess):
 Shared experts, the latent projections and ``postprocess`` are outside the four ranges.
 
 On CPU the gloo collectives are synchronous: communication ranges are wall time, compute ranges
-process CPU time (see ``moebalance.telemetry``); on GPU the recorder times with CUDA events on
+the model thread's CPU time (see ``moebalance.telemetry``); on GPU the recorder times with CUDA events on
 the current stream.
 """
 

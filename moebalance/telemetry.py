@@ -14,13 +14,26 @@ layer on this rank:
 
 Each timed phase is also an NVTX range ``moe/<phase> layer=<l>`` (``torch.cuda.nvtx`` with CUDA,
 the ``nvtx`` package otherwise, a no-op without either) so an Nsight Systems capture shows the
-straggler directly. Timing uses CUDA events on GPU (resolved once per step, in ``end_step``, so
-the hot path never synchronises). On CPU, where ops and gloo collectives are synchronous, the
-communication phases (``dispatch``, ``combine``) are wall time (``time.perf_counter``: they
-include the wait for other ranks), and the compute phases (``router``, ``experts``) are the
-process's CPU time (``time.process_time``): the work done, unaffected by another process taking
-the core on a shared machine; on a dedicated core with one thread per rank (torchrun's default
-OMP_NUM_THREADS=1) the two agree.
+straggler directly, and each step an enclosing range ``moe/step router=<label> step=<n>
+phase=<phase> rank=<rank> ep_group=<g>`` (`` warmup`` appended for warm-up steps), which tells
+a trace's readers (``scripts/trace_report.py``) which step, router and rank a phase belongs
+to. While a ``torch.profiler`` session records, the same names are also opened as
+``torch.profiler.record_function`` ranges, so a Perfetto / Chrome trace carries them too; the
+check costs about 0.1 us when no profiler runs (opening a ``record_function`` unconditionally
+would cost about 7 us a range).
+
+Timing uses CUDA events on GPU (resolved once per step, in ``end_step``, so the hot path never
+synchronises). On CPU, where ops and gloo collectives are synchronous, the communication phases
+(``dispatch``, ``combine``) are wall time (``time.perf_counter``: they include the wait for
+other ranks), and the compute phases (``router``, ``experts``) are the CPU time of the thread
+that runs them (``time.thread_time``): the work done, unaffected by another process taking the
+core on a shared machine and by the process's other threads (gloo's, the profiler's). This
+holds while that thread does the compute itself, i.e. with one intra-op thread
+(``torch.get_num_threads() == 1``, torchrun's default ``OMP_NUM_THREADS=1``); with more,
+the intra-op pool's work would not be counted, so the recorder then falls back to the
+process's CPU time (``time.process_time``, all threads). ``MoERecorder.compute_clock`` names
+the clock used. On a dedicated core (``scripts/infer.py`` pins each rank's model thread to
+a core of its own when there are enough) wall and CPU time of a compute phase agree.
 
 Steps begun with ``warmup=True`` are recorded but left out of ``records()`` and of the
 statistics unless asked for.
@@ -44,6 +57,8 @@ import torch.distributed as dist
 __all__ = [
     "PHASES",
     "RANGES",
+    "CPU_CLOCKS",
+    "step_range_name",
     "Instrumentation",
     "LayerStep",
     "MoERecorder",
@@ -53,9 +68,25 @@ __all__ = [
 
 PHASES = ("prefill", "decode")
 RANGES = ("router", "dispatch", "experts", "combine")
-#: Phases timed in process CPU time on CPU (compute); the others are wall time (they wait).
+#: Phases timed in CPU time on CPU (compute); the others are wall time (they wait).
 CPU_TIMED_RANGES = ("router", "experts")
+#: ``cpu_clock`` choices: "auto" = "thread" with one intra-op thread, else "process".
+CPU_CLOCKS = ("auto", "thread", "process")
 _NVTX_PREFIX = "moe/"
+_profiling = torch._C._autograd._profiler_enabled  # True while a torch.profiler records
+
+
+def step_range_name(
+    label: str | None, step: int, phase: str, rank: int, ep_group: int, warmup: bool
+) -> str:
+    """The name of a step's enclosing range (NVTX and profiler): ``moe/step router=<label>
+    step=<n> phase=<phase> rank=<rank> ep_group=<g>``, `` warmup`` appended for warm-up steps
+    (label "-" when None)."""
+    name = (
+        f"{_NVTX_PREFIX}step router={label or '-'} step={step} phase={phase} rank={rank} "
+        f"ep_group={ep_group}"
+    )
+    return name + (" warmup" if warmup else "")
 
 
 def _nvtx_backend(device: torch.device) -> tuple[Any, Any]:
@@ -130,6 +161,11 @@ class MoERecorder:
         device: where the model runs; CUDA selects CUDA-event timing and torch.cuda.nvtx.
         rank, ep_rank, ep_group: copied into every record.
         nvtx_ranges: emit NVTX ranges (default True).
+        cpu_clock: the clock of the compute phases on CPU: "thread" (``time.thread_time``),
+            "process" (``time.process_time``) or "auto" (default: "thread" when torch runs one
+            intra-op thread, else "process"). Ignored on CUDA.
+
+    ``label`` (settable, e.g. the router's name) goes into the step ranges' names.
     """
 
     def __init__(
@@ -140,10 +176,20 @@ class MoERecorder:
         ep_rank: int = 0,
         ep_group: int = 0,
         nvtx_ranges: bool = True,
+        cpu_clock: str = "auto",
+        label: str | None = None,
     ) -> None:
+        if cpu_clock not in CPU_CLOCKS:
+            raise ValueError(f"cpu_clock must be one of {CPU_CLOCKS}, got {cpu_clock!r}")
         self.device = torch.device(device)
         self.use_cuda_events = self.device.type == "cuda"
         self.rank, self.ep_rank, self.ep_group = rank, ep_rank, ep_group
+        self.label = label
+        if cpu_clock == "auto":
+            cpu_clock = "thread" if torch.get_num_threads() == 1 else "process"
+        self._compute_clock = time.thread_time if cpu_clock == "thread" else time.process_time
+        #: what times the compute phases: "cuda_events", "thread_time" or "process_time"
+        self.compute_clock = "cuda_events" if self.use_cuda_events else f"{cpu_clock}_time"
         push, pop = _nvtx_backend(self.device)
         self._push = push if nvtx_ranges else (lambda message: None)
         self._pop = pop if nvtx_ranges else (lambda: None)
@@ -155,6 +201,7 @@ class MoERecorder:
         self._current: dict[int, LayerStep] = {}
         self._pending_events: list[tuple[LayerStep, str, Any, Any]] = []
         self._pending_tensors: list[tuple[LayerStep, str, Any]] = []
+        self._step_profile: Any = None  # the step's open record_function, while profiling
 
     # ------------------------------------------------------------------ steps
     @property
@@ -171,12 +218,23 @@ class MoERecorder:
         self._step += 1
         self._phase, self._warmup = phase, bool(warmup)
         self._current = {}
+        name = step_range_name(
+            self.label, self._step, phase, self.rank, self.ep_group, self._warmup
+        )
+        self._push(name)
+        if _profiling():
+            self._step_profile = torch.profiler.record_function(name)
+            self._step_profile.__enter__()
         return self._step
 
     def end_step(self) -> None:
         """Finish the step: resolve CUDA events and device tensors (one synchronisation)."""
         if not self.active:
             raise RuntimeError("end_step called without begin_step")
+        if self._step_profile is not None:
+            self._step_profile.__exit__(None, None, None)
+            self._step_profile = None
+        self._pop()
         if self._pending_events:
             torch.cuda.synchronize(self.device)  # every recorded event has completed
         for row, name, start, end in self._pending_events:
@@ -224,10 +282,15 @@ class MoERecorder:
     @contextlib.contextmanager
     def range(self, name: str, layer: int) -> Iterator[None]:
         """Time the enclosed code as phase ``name`` (one of RANGES) of MoE layer ``layer`` and
-        mark it as the NVTX range ``moe/<name> layer=<layer>``. Adds to ``<name>_ms``."""
+        mark it as the NVTX range ``moe/<name> layer=<layer>`` (and, while a torch.profiler
+        records, the profiler range of the same name). Adds to ``<name>_ms``."""
         if name not in RANGES:
             raise ValueError(f"range name must be one of {RANGES}, got {name!r}")
-        self._push(f"{_NVTX_PREFIX}{name} layer={layer}")
+        label = f"{_NVTX_PREFIX}{name} layer={layer}"
+        self._push(label)
+        profiled = torch.profiler.record_function(label) if _profiling() else None
+        if profiled is not None:
+            profiled.__enter__()
         try:
             if not self.active:
                 yield
@@ -241,12 +304,14 @@ class MoERecorder:
                 end.record()
                 self._pending_events.append((row, f"{name}_ms", start, end))
             else:
-                clock = time.process_time if name in CPU_TIMED_RANGES else time.perf_counter
+                clock = self._compute_clock if name in CPU_TIMED_RANGES else time.perf_counter
                 t0 = clock()
                 yield
                 elapsed_ms = (clock() - t0) * 1e3
                 setattr(row, f"{name}_ms", getattr(row, f"{name}_ms") + elapsed_ms)
         finally:
+            if profiled is not None:
+                profiled.__exit__(None, None, None)
             self._pop()
 
     def add_tokens_per_expert(

@@ -1,12 +1,20 @@
 """Cross-rank statistics of MoE-layer telemetry (``moebalance.telemetry.LayerStep`` records of
 every rank), per (EP group, step, layer) sample over the ranks of one EP group:
 
-- straggler time (ms) = max over ranks of expert time - mean over ranks of expert time;
+- straggler time (ms) = max over ranks of expert time - mean over ranks of expert time: the
+  mean over ranks of how long each rank waits for the slowest one's experts;
+- combine wait (ms) = mean over ranks of combine time - min over ranks of combine time: the
+  same wait seen where it is spent, at the combine. The ranks leave the combine together, so a
+  rank's combine time in excess of the shortest one (the transfer itself) is the time it
+  waited there, for every difference before it (router and dispatch included); when the ranks
+  differ only in expert time the two figures agree;
 - per-rank load imbalance = max / mean over ranks of tokens received (1 = balanced);
 - MV (max violation) = max / mean - 1 over the EP-global expert loads (``moebalance.metrics``);
 - dropped fraction = dropped top-k assignments / (routed tokens x k), summed over everything.
 p50 / p95 are taken over all (step, layer) samples (linear interpolation between order
-statistics, as numpy's default).
+statistics, as numpy's default). Timing figures (straggler, combine wait, phase times) also
+carry p5, p25 and p75, the spread over the repeated steps, and per EP rank (``ep_rank_ms``:
+each rank's own phase times over the samples).
 """
 
 from __future__ import annotations
@@ -19,7 +27,13 @@ import torch
 from . import metrics
 from .telemetry import PHASES, RANGES
 
-__all__ = ["percentile", "straggler_ms", "rank_imbalance", "join_ranks", "summarize"]
+__all__ = [
+    "TIMING_FIGURES", "percentile", "straggler_ms", "combine_wait_ms", "rank_imbalance",
+    "join_ranks", "timing_stats", "summarize",
+]
+
+#: The timing figures of a summary (each with the spread of ``timing_stats``).
+TIMING_FIGURES = ("straggler_ms", "combine_wait_ms") + tuple(f"{n}_ms" for n in RANGES)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -40,6 +54,14 @@ def straggler_ms(expert_ms: torch.Tensor) -> torch.Tensor:
     """[..., R] expert time per rank (ms) -> [...] straggler time (ms) = max - mean over ranks."""
     t = expert_ms.double()
     return t.max(dim=-1)[0] - t.mean(dim=-1)
+
+
+def combine_wait_ms(combine_ms: torch.Tensor) -> torch.Tensor:
+    """[..., R] combine time per rank (ms) -> [...] combine wait (ms) = mean - min over ranks:
+    the mean over ranks of the time spent at the combine beyond the fastest rank's (which is
+    the transfer itself)."""
+    t = combine_ms.double()
+    return t.mean(dim=-1) - t.min(dim=-1)[0]
 
 
 def rank_imbalance(tokens_per_rank: torch.Tensor) -> torch.Tensor:
@@ -98,6 +120,23 @@ def _stats(values: Sequence[float]) -> dict[str, float]:
     }
 
 
+def timing_stats(values: Sequence[float]) -> dict[str, float]:
+    """``_stats`` plus the spread of a timing figure over the samples: p5, p25, p75 (the
+    interquartile range is p75 - p25)."""
+    finite = [v for v in values if not math.isnan(v)]
+    base = _stats(finite)
+    return {
+        "p5": percentile(finite, 5),
+        "p25": percentile(finite, 25),
+        "p50": base["p50"],
+        "p75": percentile(finite, 75),
+        "p95": base["p95"],
+        "mean": base["mean"],
+        "max": base["max"],
+        "n": base["n"],
+    }
+
+
 def _sample_figures(sample: dict, topk: int, num_experts: int | None) -> dict[str, float]:
     """Straggler (ms), per-rank imbalance, MV, LIS and mean per-rank phase times of one
     sample. ``num_experts``: logical experts E (None: one per slot, no replicas)."""
@@ -107,6 +146,7 @@ def _sample_figures(sample: dict, topk: int, num_experts: int | None) -> dict[st
     routed = sample["tokens"] * topk
     return {
         "straggler_ms": float(straggler_ms(torch.tensor(sample["experts_ms"]))),
+        "combine_wait_ms": float(combine_wait_ms(torch.tensor(sample["combine_ms"]))),
         "rank_imbalance": float(rank_imbalance(per_rank)) if per_rank.sum() > 0 else math.nan,
         "max_violation": float(metrics.max_violation(load)) if load.sum() > 0 else math.nan,
         # LIS (R&Q): the busiest slot's tokens over the mean logical expert's intended T k / E
@@ -121,9 +161,22 @@ def _summary_of(samples: Sequence[dict], topk: int, num_experts: int | None = No
         f"{n}_ms" for n in RANGES
     )
     routed = sum(s["tokens"] for s in samples) * topk
+    ranks = max((len(s["experts_ms"]) for s in samples), default=0)
     out = {
         "samples": len(samples),
-        **{k: _stats([f[k] for f in figures]) for k in keys},
+        **{
+            k: (timing_stats if k in TIMING_FIGURES else _stats)([f[k] for f in figures])
+            for k in keys
+        },
+        "combine_wait_ms": timing_stats([f["combine_wait_ms"] for f in figures]),
+        # each EP rank's own phase times over the samples (EP groups pooled by EP rank)
+        "ep_rank_ms": {
+            f"{n}_ms": [
+                timing_stats([s[f"{n}_ms"][r] for s in samples if r < len(s[f"{n}_ms"])])
+                for r in range(ranks)
+            ]
+            for n in RANGES
+        },
         "dropped_fraction": sum(s["dropped"] for s in samples) / routed if routed else 0.0,
         "tokens": sum(s["tokens"] for s in samples),
         "assignments": sum(s["assignments"] for s in samples),
@@ -147,7 +200,10 @@ def summarize(records: Sequence[dict], topk: int, num_experts: int | None = None
     busiest slot's tokens / (T k), E = ``num_experts`` logical experts, default one per slot),
     ``router_ms``, ``dispatch_ms``,
     ``experts_ms``, ``combine_ms`` (each {"p50", "p95", "mean", "max", "n"}; phase times are the
-    mean over ranks of each sample), ``dropped_fraction``, ``samples``, ``tokens``,
+    mean over ranks of each sample), ``combine_wait_ms``; the timing figures (straggler, combine
+    wait, phase times) also have "p5", "p25", "p75"; ``ep_rank_ms``: {"<phase>_ms": [per EP
+    rank {"p5", ..., "p95", "mean", "max", "n"}]}, each rank's own phase times over the
+    samples; ``dropped_fraction``, ``samples``, ``tokens``,
     ``assignments``; with a padded dispatch buffer (DeepSpeed) also ``capacity`` (C) and
     ``buffer_fill`` (tokens received / (E x EP x C): the share of the computed slots holding a
     token; each expert computes C slots per sending rank). Warm-up records should be left out

@@ -39,8 +39,9 @@ from moebalance.harness.data import lockstep_batch, make_prompts, quality_sequen
 from moebalance.harness.generate import measure  # noqa: E402
 from moebalance.harness.quality import heldout_quality  # noqa: E402
 from moebalance.harness.rebalance import Rebalancer  # noqa: E402
-from moebalance.harness.report import Report, claim_output  # noqa: E402
-from moebalance.harness.startup import agree_across_ranks  # noqa: E402
+from moebalance.harness.report import Report, claim_run_outputs, trace_path  # noqa: E402
+from moebalance.harness.startup import agree_across_ranks, pin_to_core  # noqa: E402
+from moebalance.harness.startup import release_helper_threads  # noqa: E402
 from moebalance.parallel import RendezvousError  # noqa: E402
 from moebalance.runner import NonFiniteLogitsError  # noqa: E402
 from moebalance.telemetry import MoERecorder, gather_to_rank0  # noqa: E402
@@ -64,14 +65,12 @@ def parse_args(argv: Optional[list[str]] = None) -> Run:
 
 
 def claim(run: Run, command: list[str]) -> None:
-    """Rank 0, the one that writes, claims the output path before any work starts."""
+    """Rank 0, the one that writes, claims ``--out`` and ``--profile`` before any work starts."""
     if os.environ.get("RANK", "0") == "0":
         try:
-            claim_output(run.out, overwrite=run.config.overwrite, command=command)
-        except ConfigError as err:
+            claim_run_outputs(run, command)
+        except (ConfigError, OSError) as err:
             fail(str(err))
-        except OSError as err:
-            fail(f"--out {run.out}: cannot write there ({err.strerror or err})")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -79,6 +78,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     command = [PROG, *(sys.argv[1:] if argv is None else argv)]
     claim(run, command)
     cfg, model_cfg = run.config, run.model
+    pinning = pin_to_core(cfg.pin_cores)  # the model thread's own core, before any work
     framework = get_framework(cfg.framework)
     quiet_import_warnings()
 
@@ -103,6 +103,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         placement=run.plans, replicas=run.replicas,
     )
     memory = apply_memory_budget(framework, model, run) if cfg.memory_budget else None
+    release_helper_threads(pinning)  # gloo's threads may use every core again
     recorder = MoERecorder(
         setup.device, rank=setup.rank, ep_rank=setup.ep_rank, ep_group=setup.ep_group,
         nvtx_ranges=cfg.nvtx,
@@ -118,9 +119,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             framework.swap_router(model, router, run.params_of(router), run.load_scope_of(router))
         local = measure(
             framework, model, ids, pad, gen_len=cfg.gen_len, warmup=cfg.warmup, recorder=recorder,
-            on_step=rebalancer.after_step if rebalancer else None,
+            on_step=rebalancer.after_step if rebalancer else None, label=router,
+            profile=trace_path(cfg.profile, router, setup.rank) if cfg.profile else None,
         )
         local["rebalancing"] = rebalancer.events if rebalancer else None
+        local["pinning"] = pinning
         held_out = heldout_quality(model, eval_sequences, setup.device)  # this router active
         per_rank = gather_to_rank0(local)
         if rank0:

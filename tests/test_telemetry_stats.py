@@ -1,5 +1,5 @@
-"""moebalance.telemetry_stats: straggler time, per-rank imbalance, percentiles, the cross-rank
-join and the summary, against numbers computed by hand."""
+"""moebalance.telemetry_stats: straggler time, combine wait, per-rank imbalance, percentiles and
+the spread of timings, the cross-rank join and the summary, against numbers computed by hand."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from moebalance.telemetry_stats import (
+    combine_wait_ms,
     join_ranks,
     percentile,
     rank_imbalance,
     straggler_ms,
     summarize,
+    timing_stats,
 )
 
 
@@ -135,3 +137,40 @@ def test_join_ranks_keeps_ep_groups_apart():
     samples = join_ranks(records)
     assert [s["ep_group"] for s in samples] == [0, 2]
     assert all(len(s["experts_ms"]) == 2 for s in samples)
+
+
+def test_combine_wait_is_mean_minus_min_over_ranks():
+    # combine took 5, 1 and 3 ms: the fastest rank's 1 ms is the transfer; the ranks waited
+    # 4, 0 and 2 ms beyond it -> mean 2
+    got = combine_wait_ms(torch.tensor([[5.0, 1.0, 3.0], [2.0, 2.0, 2.0]]))
+    assert got.tolist() == pytest.approx([2.0, 0.0])
+
+
+def test_timing_figures_carry_their_spread_and_routing_figures_keep_theirs():
+    # one layer, five steps on 2 ranks; rank 0's experts take 1..5 ms, rank 1's always 1 ms
+    records = []
+    for step in range(5):
+        records.append({**_record(0, step, 0, 1.0 + step, [2, 2]), "combine_ms": 1.0})
+        records.append({**_record(1, step, 0, 1.0, [2, 2]), "combine_ms": 1.0 + step})
+    s = summarize(records, topk=2)["all"]
+    straggler = s["straggler_ms"]  # max - mean: 0, 0.5, 1, 1.5, 2
+    assert list(straggler) == ["p5", "p25", "p50", "p75", "p95", "mean", "max", "n"]
+    assert straggler["p5"] == pytest.approx(0.1) and straggler["p25"] == pytest.approx(0.5)
+    assert straggler["p50"] == pytest.approx(1.0) and straggler["p75"] == pytest.approx(1.5)
+    wait = s["combine_wait_ms"]  # rank 1 waits step ms at the combine: mean - min = step / 2
+    assert wait["p50"] == pytest.approx(1.0) and wait["max"] == pytest.approx(2.0)
+    for phase in ("router_ms", "dispatch_ms", "experts_ms", "combine_ms"):
+        assert "p25" in s[phase]
+    # each EP rank's own times over the steps
+    rank0, rank1 = s["ep_rank_ms"]["experts_ms"]
+    assert rank0["p50"] == pytest.approx(3.0) and rank0["p5"] == pytest.approx(1.2)
+    assert rank1["p5"] == rank1["p95"] == pytest.approx(1.0) and rank1["n"] == 5
+    assert s["ep_rank_ms"]["combine_ms"][1]["max"] == pytest.approx(5.0)
+    # routing figures keep exactly the keys they had
+    for figure in ("rank_imbalance", "max_violation", "lis"):
+        assert list(s[figure]) == ["p50", "p95", "mean", "max", "n"]
+
+
+def test_timing_stats_of_nothing_is_nan():
+    stats = timing_stats([float("nan")])
+    assert stats["n"] == 0 and math.isnan(stats["p5"]) and math.isnan(stats["p75"])

@@ -1,10 +1,10 @@
 """The command line of ``scripts/infer.py``: flags onto ``RunConfig`` fields.
 
 Every flag is optional and names one field (``--prompt-len`` -> ``prompt_len``; ``--config`` and
-``--model`` -> ``model``; ``--no-nvtx`` -> ``nvtx: false``); ``--run-config NAME|FILE`` starts from a run
-file, ``--set field=value`` overrides any field last, ``--router-args key=value ...`` adds router
-parameters. No option is a prefix of a torchrun option: torchrun's parser would take it
-(``--run`` would match its ``--run-path``).
+``--model`` -> ``model``; ``--no-nvtx`` -> ``nvtx: false``; ``--no-pin`` -> ``pin_cores: false``);
+``--run-config NAME|FILE`` starts from a run file, ``--set field=value`` overrides any field
+last, ``--router-args key=value ...`` adds router parameters. No option is a prefix of a
+torchrun option: torchrun's parser would take it (``--run`` would match its ``--run-path``).
 """
 
 from __future__ import annotations
@@ -106,6 +106,12 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     add("--out", help="JSON path (default: results/infer_<router>_ep<N>.json)")
     add("--overwrite", action="store_true", help="replace an existing --out file")
     add("--no-nvtx", dest="nvtx", action="store_false", help="do not emit NVTX ranges")
+    add("--no-pin", dest="pin_cores", action="store_false",
+        help="do not pin each rank to its own CPU core (default: pin when the node's ranks do "
+        "not outnumber the cores this process may use)")
+    add("--profile", metavar="DIR",
+        help="write a torch.profiler trace of each measured generation per rank and router to "
+        "DIR/<router>/rank<r>.pt.trace.json (Perfetto; scripts/trace_report.py DIR)")
     return parser
 
 

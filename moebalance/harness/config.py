@@ -104,6 +104,12 @@ class RunConfig:
             run's file, and claims its own path at start so that a second job aiming at it
             fails at once).
         nvtx: emit NVTX ranges.
+        pin_cores: pin each rank to its own CPU core at start-up (the LOCAL_RANK-th of the
+            cores the process may use), when the node's ranks do not outnumber those cores
+            (``moebalance.harness.startup.pin_to_core``); false leaves scheduling to the OS.
+        profile: a directory for torch.profiler traces of the measured generations, one per
+            rank and router (``<profile>/<router>/rank<r>.pt.trace.json``, Chrome / Perfetto
+            JSON; ``scripts/trace_report.py`` reads them). None: no profiler.
     """
 
     model: Optional[str] = None
@@ -138,17 +144,19 @@ class RunConfig:
     out: Optional[str] = None
     overwrite: bool = False
     nvtx: bool = True
+    pin_cores: bool = True
+    profile: Optional[str] = None
 
 
 _INT_FIELDS = (
     "batch", "prompt_len", "gen_len", "warmup", "seed", "eval_seqs", "eval_len", "redundant",
     "rebalance_every", "rebalance_window",
 )
-_BOOL_FIELDS = ("compare", "uneven", "overwrite", "nvtx")
+_BOOL_FIELDS = ("compare", "uneven", "overwrite", "nvtx", "pin_cores")
 _STR_FIELDS = ("framework", "router", "load_scope", "dispatcher", "replica_policy")
 _OPTIONAL_STR_FIELDS = (
     "model", "checkpoint", "skew", "router_args_file", "placement", "memory_budget",
-    "prompt_domain", "replicate", "calibration_domain", "out",
+    "prompt_domain", "replicate", "calibration_domain", "out", "profile",
 )
 
 
@@ -383,6 +391,11 @@ def resolve(
         out = Path("results") / f"{prefix}{cfg.router}_ep{ep}.json"
     if out.is_dir():
         raise ConfigError(f"--out {out} is a directory; give a file path")
+    if cfg.profile is not None and (not cfg.profile.strip() or Path(cfg.profile).exists()
+                                    and not Path(cfg.profile).is_dir()):
+        raise ConfigError(
+            f"--profile {cfg.profile!r} must name a directory (not a file, not empty)"
+        )
     routers = (VANILLA, cfg.router) if cfg.compare else (cfg.router,)
     replicas = ReplicaParams(policy=cfg.replica_policy)
     replicated = cfg.placement is not None or cfg.replicate is not None

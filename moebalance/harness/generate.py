@@ -5,15 +5,20 @@ on the framework's static KV cache, under ``torch.inference_mode`` (no autograd 
 any figure). Every rank runs the same shapes and the same number of steps, so every rank runs
 every MoE layer the same number of times (the collectives need it). Each model call is one
 recorder step ("prefill" or "decode"); the framework's decode flag tells prefill-only policies
-which is which.
+which is which. With a profile directory ``measure`` records its measured generation (not the
+warm-up) with ``torch.profiler`` (CPU activity, and CUDA activity when CUDA is available) and
+writes one Chrome / Perfetto trace per rank (``moebalance.harness.report.trace_path``); the
+recorder's ranges (``moe/step ...``, ``moe/<phase> layer=<l>``) appear in it by name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -21,7 +26,9 @@ from ..runner import check_router_logits
 from ..telemetry import MoERecorder
 from .framework import Framework
 
-__all__ = ["generate", "measure", "end_to_end", "reset_peak_memory", "peak_memory_mib"]
+__all__ = [
+    "generate", "measure", "profiled", "end_to_end", "reset_peak_memory", "peak_memory_mib",
+]
 
 
 def _sync(device: torch.device) -> None:
@@ -127,6 +134,28 @@ def generate(
     return {"tokens": torch.stack(tokens, dim=1), "prefill_ms": prefill_ms, "decode_ms": decode_ms}
 
 
+@contextlib.contextmanager
+def profiled(path: Optional[Path], device: torch.device) -> Iterator[None]:
+    """Record the enclosed code with ``torch.profiler`` (CPU activity, plus CUDA activity on a
+    CUDA device) and write the trace to ``path`` (Chrome trace JSON, atomically: a temporary
+    file beside it, then renamed). A no-op when ``path`` is None."""
+    if path is None:
+        yield
+        return
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        yield
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        prof.export_chrome_trace(str(partial))
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def measure(
     framework: Framework,
     model: torch.nn.Module,
@@ -137,15 +166,25 @@ def measure(
     warmup: int,
     recorder: MoERecorder,
     on_step: Optional[Callable[[], None]] = None,
+    label: Optional[str] = None,
+    profile: Optional[Path] = None,
 ) -> dict[str, Any]:
-    """``warmup`` unmeasured generations, then one measured one. Returns this rank's figures:
-    prefill and decode wall time (ms), generated and prompt tokens, peak memory (MiB), the
-    generated tokens and the telemetry records (warm-up left out)."""
+    """``warmup`` unmeasured generations, then one measured one. ``label`` (e.g. the router)
+    names the recorder's step ranges; ``profile``: write a torch.profiler trace of the measured
+    generation to this file (``profiled``). Returns this rank's figures: prefill and decode
+    wall time (ms), generated and prompt tokens, peak memory (MiB), the generated tokens, the
+    compute phases' clock, the trace file (or None) and the telemetry records (warm-up left
+    out)."""
+    if label is not None:
+        recorder.label = label
     for _ in range(warmup):
         generate(framework, model, ids, pad, gen_len, recorder, warmup=True, on_step=on_step)
     recorder.clear()  # the measured generation's steps are numbered from 0
     reset_peak_memory(ids.device)
-    result = generate(framework, model, ids, pad, gen_len, recorder, warmup=False, on_step=on_step)
+    with profiled(profile, ids.device):
+        result = generate(
+            framework, model, ids, pad, gen_len, recorder, warmup=False, on_step=on_step
+        )
     decode_steps = gen_len - 1
     return {
         "prefill_ms": result["prefill_ms"],
@@ -155,6 +194,8 @@ def measure(
         "prompt_tokens": int((~pad).sum()),
         "peak_memory_mib": peak_memory_mib(ids.device),
         "tokens": result["tokens"].cpu().tolist(),
+        "compute_clock": recorder.compute_clock,
+        "profile": str(profile) if profile is not None else None,
         "records": recorder.records(),
     }
 

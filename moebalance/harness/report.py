@@ -6,7 +6,12 @@ RunConfig, ``padded_prompt_len``), ``environment`` (versions, device, world and 
 backend, git commit, time), ``table``, ``partial`` (True until every router has finished) and
 ``runs``: per router ``router``, ``router_params``, ``load_scope``, ``summary``
 (``moebalance.telemetry_stats.summarize``), ``end_to_end``, ``quality`` (per domain), ``per_rank``
-and ``records`` (one ``LayerStep`` per rank, step and MoE layer).
+(each rank's ``measure`` figures, with ``pinning``: the CPU core it was pinned to or why not,
+``compute_clock``: what timed its compute phases, and ``profile``: its trace file under
+``--profile``) and ``records`` (one ``LayerStep`` per rank, step and MoE layer).
+
+Traces (``--profile DIR``): ``trace_path`` names each rank's file, ``claim_profile_dir`` checks
+the directory before any work.
 """
 
 from __future__ import annotations
@@ -32,8 +37,12 @@ from ..telemetry import PHASES
 
 __all__ = [
     "cpu_name", "git_commit", "utc_now", "environment", "table", "quality_table", "write_json",
-    "check_writable", "claim_output", "write_text_atomic", "Report",
+    "check_writable", "claim_output", "write_text_atomic", "Report", "TRACE_SUFFIX", "trace_path",
+    "claim_profile_dir", "claim_run_outputs",
 ]
+
+#: A torch.profiler trace file's suffix (Chrome trace JSON, as TensorBoard and Perfetto name it).
+TRACE_SUFFIX = ".pt.trace.json"
 
 PACKAGE_DIR = Path(__file__).resolve().parents[2]
 
@@ -190,6 +199,50 @@ def claim_output(path: Path, *, overwrite: bool, command: list[str]) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump({"command": command, "partial": True, "runs": []}, f)
         f.write("\n")
+
+
+def trace_path(directory: str | Path, router: str, rank: int) -> Path:
+    """Where ``--profile`` writes rank ``rank``'s trace of ``router``'s measured generation."""
+    return Path(directory) / router / f"rank{rank}{TRACE_SUFFIX}"
+
+
+def claim_profile_dir(directory: Path, *, overwrite: bool) -> list[Path]:
+    """Check, before any work, that the ranks may write their traces under ``directory``
+    (created if missing). ConfigError when it is a file, or holds traces already (another
+    run's) without ``overwrite``; OSError when it cannot be written. Returns the traces already
+    there (with ``overwrite``), which the caller removes once the run is sure to start, so that
+    the directory never mixes two runs."""
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"--profile {directory} is a file; give a directory")
+    check_writable(directory / "probe")
+    old = sorted(directory.glob(f"*/rank*{TRACE_SUFFIX}"))
+    if old and not overwrite:
+        raise ConfigError(
+            f"--profile {directory} holds traces already ({old[0].relative_to(directory)}, ...); "
+            "pass --overwrite to replace them, or choose another --profile"
+        )
+    return old
+
+
+def claim_run_outputs(run: Any, command: list[str]) -> None:
+    """Everything a run writes, claimed before any work (rank 0, the one that writes): the
+    ``--profile`` directory (``claim_profile_dir``) and ``--out`` (``claim_output``); an earlier
+    run's traces are removed only once both claims hold. ConfigError or OSError, naming the
+    option, otherwise."""
+    cfg = run.config
+    stale: list[Path] = []
+    if cfg.profile is not None:
+        profile = Path(cfg.profile).resolve()
+        try:
+            stale = claim_profile_dir(profile, overwrite=cfg.overwrite)
+        except OSError as err:
+            raise OSError(f"--profile {profile}: cannot write there ({err.strerror or err})") from None
+    try:
+        claim_output(run.out, overwrite=cfg.overwrite, command=command)
+    except OSError as err:
+        raise OSError(f"--out {run.out}: cannot write there ({err.strerror or err})") from None
+    for path in stale:
+        path.unlink(missing_ok=True)
 
 
 def write_json(path: Path, report: dict) -> None:
