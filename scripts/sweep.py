@@ -25,6 +25,7 @@ import json
 import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -112,18 +113,36 @@ def launch(args, cell: Cell) -> tuple[bool, str]:
         log.write("$ " + shlex.join(command) + "\n")
         log.flush()
         try:
-            done = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  timeout=args.run_timeout, start_new_session=True)
-        except subprocess.TimeoutExpired:
-            return False, f"stopped after --run-timeout {args.run_timeout:g} s"
+            proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
         except OSError as err:
             return False, f"could not start the launcher: {err}"
-    if done.returncode != 0:
+        try:
+            returncode = proc.wait(timeout=args.run_timeout)
+        except subprocess.TimeoutExpired:
+            stop(proc)
+            return False, f"stopped after --run-timeout {args.run_timeout:g} s"
+    if returncode != 0:
         tail = (logs / f"{cell.id}.log").read_text(errors="replace").strip().splitlines()[-1:]
-        return False, f"exit {done.returncode}: {tail[0][:300] if tail else ''}"
+        return False, f"exit {returncode}: {tail[0][:300] if tail else ''}"
     if finished(runs / f"{cell.id}.json") is None:
         return False, "exit 0 but no complete JSON report"
     return True, ""
+
+
+def stop(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """SIGTERM to the launcher's process group (torchrun stops its workers, srun cancels its
+    step and frees the cores), SIGKILL after ``grace_s``."""
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _fmt(value, spec: str) -> str:

@@ -93,7 +93,8 @@ def write_plots(rows: list[dict], out_dir: Path) -> list[Path]:
         ax.set_xlabel("rank imbalance (max / mean tokens per rank, prefill p50)")
         ax.set_ylabel("perplexity change vs top-k (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[1]:
+            ax.legend(fontsize=7)
         ax.set_title(group, fontsize=9)
         fig.tight_layout()
         written.append(_save(fig, out_dir / f"{group}_quality_vs_imbalance.png", plt))
@@ -103,6 +104,9 @@ def write_plots(rows: list[dict], out_dir: Path) -> list[Path]:
 def _legend(fig, ax) -> None:
     """One legend for the figure, below the panels."""
     handles, labels = ax.get_legend_handles_labels()
+    if not labels:
+        fig.tight_layout()
+        return
     fig.tight_layout(rect=(0, 0.08 + 0.035 * ((len(labels) + 2) // 3), 1, 1))
     fig.legend(handles, labels, loc="lower center", ncol=min(3, max(1, len(labels))), fontsize=7,
                frameon=False)

@@ -53,7 +53,7 @@ _NOT_IN_GRID = ("out", "overwrite")  # the sweep owns where results go
 @dataclass(frozen=True)
 class Cell:
     """One run of the grid: ``fields`` (RunConfig fields set, router_args included), ``nproc``
-    processes, ``labels`` (one per axis), the run's ``id`` and ``router_label`` (the label of
+    processes, ``labels`` (one per axis with more than one entry), the run's ``id`` and ``router_label`` (the label of
     the axis entry that set the router, for tables and plot legends)."""
 
     fields: dict
@@ -127,7 +127,9 @@ def load_grid(path: str | Path) -> tuple[RunConfig, list[Cell]]:
         fields = {k: v for k, v in fields.items() if v is not None}
         if not isinstance(fields.get("router_args", {}), dict):
             raise ConfigError(f"{where}: router_args must be a mapping")
-        labels = tuple(label for _, label in combo)
+        # axes with one entry are the same for every run: left out of the labels
+        labels = tuple(label for (_, label), axis in zip(combo, entries) if len(axis) > 1)
+        labels = labels or ("run",)
         router = str(fields.get("router", base.router))
         router_label = next((label for part, label in combo if "router" in part), router)
         digest = hashlib.sha1(
