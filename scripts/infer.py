@@ -39,6 +39,7 @@ from moebalance.harness.data import lockstep_batch, make_prompts, quality_sequen
 from moebalance.harness.generate import measure  # noqa: E402
 from moebalance.harness.quality import heldout_quality  # noqa: E402
 from moebalance.harness.rebalance import Rebalancer  # noqa: E402
+from moebalance.harness.record import RoutingRecording  # noqa: E402
 from moebalance.harness.report import Report, claim_run_outputs, trace_path  # noqa: E402
 from moebalance.harness.startup import agree_across_ranks, pin_to_core  # noqa: E402
 from moebalance.harness.startup import release_helper_threads  # noqa: E402
@@ -110,8 +111,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     framework.instrument(model, recorder)
     rebalancer = Rebalancer(framework, model, run, setup, recorder) if cfg.rebalance_every else None
-    ids, pad = lockstep_batch(make_prompts(run, setup.rank), setup.device)
+    prompts = make_prompts(run, setup.rank)
+    ids, pad = lockstep_batch(prompts, setup.device)
     eval_sequences = quality_sequences(run, setup.rank, setup.world_size)
+    recording = (RoutingRecording(run, setup, framework, model, recorder, prompts, eval_sequences)
+                 if cfg.record_routing else None)
     report = Report(run, setup, command, int(ids.shape[1]), memory) if rank0 else None
 
     for i, router in enumerate(run.routers):
@@ -125,6 +129,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         local["rebalancing"] = rebalancer.events if rebalancer else None
         local["pinning"] = pinning
         held_out = heldout_quality(model, eval_sequences, setup.device)  # this router active
+        if recording:
+            recording.save(router, PROG)  # collective
         per_rank = gather_to_rank0(local)
         if rank0:
             report.add(router, per_rank, held_out)

@@ -324,6 +324,8 @@ INFER_BAD = [
     (["--placement", "/nonexistent-plan.json"], "placement file", "not found"),
     (["--prompt-domain", "poetry"], "--prompt-domain", "('code', 'prose')"),
     (["--replica-policy", "random"], "policy", "round_robin"),
+    (["--record-routing", ""], "--record-routing", "must name a file"),
+    (["--record-routing", "/tmp"], "--record-routing", "must name a file"),
 ]
 
 

@@ -112,6 +112,9 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     add("--profile", metavar="DIR",
         help="write a torch.profiler trace of each measured generation per rank and router to "
         "DIR/<router>/rank<r>.pt.trace.json (Perfetto; scripts/trace_report.py DIR)")
+    add("--record-routing", metavar="FILE",
+        help="save each MoE layer's per-token expert choices (safetensors; with --compare "
+        "FILE.<router>.safetensors per router) for scripts/locality.py")
     return parser
 
 

@@ -110,6 +110,12 @@ class RunConfig:
         profile: a directory for torch.profiler traces of the measured generations, one per
             rank and router (``<profile>/<router>/rank<r>.pt.trace.json``, Chrome / Perfetto
             JSON; ``scripts/trace_report.py`` reads them). None: no profiler.
+        record_routing: a file to save each MoE layer's per-token expert choices to
+            (safetensors, ``moebalance.routing_record``): the measured generation's prefill
+            and decode tokens and the held-out evaluation, every rank's sequences, with the
+            model, router, prompts and domains in its header. With ``compare`` one file per
+            router, ``<stem>.<router>.safetensors`` (``record_path``). For
+            ``scripts/locality.py``.
     """
 
     model: Optional[str] = None
@@ -146,6 +152,7 @@ class RunConfig:
     nvtx: bool = True
     pin_cores: bool = True
     profile: Optional[str] = None
+    record_routing: Optional[str] = None
 
 
 _INT_FIELDS = (
@@ -156,7 +163,7 @@ _BOOL_FIELDS = ("compare", "uneven", "overwrite", "nvtx", "pin_cores")
 _STR_FIELDS = ("framework", "router", "load_scope", "dispatcher", "replica_policy")
 _OPTIONAL_STR_FIELDS = (
     "model", "checkpoint", "skew", "router_args_file", "placement", "memory_budget",
-    "prompt_domain", "replicate", "calibration_domain", "out", "profile",
+    "prompt_domain", "replicate", "calibration_domain", "out", "profile", "record_routing",
 )
 
 
@@ -395,6 +402,13 @@ def resolve(
                                     and not Path(cfg.profile).is_dir()):
         raise ConfigError(
             f"--profile {cfg.profile!r} must name a directory (not a file, not empty)"
+        )
+    if cfg.record_routing is not None and (
+        not cfg.record_routing.strip() or Path(cfg.record_routing).is_dir()
+    ):
+        raise ConfigError(
+            f"--record-routing {cfg.record_routing!r} must name a file (not a directory, not "
+            "empty)"
         )
     routers = (VANILLA, cfg.router) if cfg.compare else (cfg.router,)
     replicas = ReplicaParams(policy=cfg.replica_policy)

@@ -226,7 +226,8 @@ def claim_profile_dir(directory: Path, *, overwrite: bool) -> list[Path]:
 
 def claim_run_outputs(run: Any, command: list[str]) -> None:
     """Everything a run writes, claimed before any work (rank 0, the one that writes): the
-    ``--profile`` directory (``claim_profile_dir``) and ``--out`` (``claim_output``); an earlier
+    ``--profile`` directory (``claim_profile_dir``), ``--out`` (``claim_output``) and the
+    ``--record-routing`` files (refused when one exists, without ``overwrite``); an earlier
     run's traces are removed only once both claims hold. ConfigError or OSError, naming the
     option, otherwise."""
     cfg = run.config
@@ -241,6 +242,19 @@ def claim_run_outputs(run: Any, command: list[str]) -> None:
         claim_output(run.out, overwrite=cfg.overwrite, command=command)
     except OSError as err:
         raise OSError(f"--out {run.out}: cannot write there ({err.strerror or err})") from None
+    if cfg.record_routing is not None:
+        from ..routing_record import record_path
+
+        for router in run.routers:
+            path = record_path(cfg.record_routing, router, run.routers)
+            if path.exists() and not cfg.overwrite:
+                raise ConfigError(f"--record-routing {path} exists (pass --overwrite to replace it)")
+            try:
+                check_writable(path)
+            except OSError as err:
+                raise OSError(
+                    f"--record-routing {path}: cannot write there ({err.strerror or err})"
+                ) from None
     for path in stale:
         path.unlink(missing_ok=True)
 
