@@ -185,19 +185,17 @@ class LaserParams:
         load_only: pool = all experts, scores ignored: the accuracy-agnostic lower bound, solved
             exactly (the least possible maximum load); the assignment fields below do not apply.
             Fixed by the router: True for ``load_only``, False for ``laser`` and ``laser_fast``.
-        assignment: how flexible tokens get their k experts. "blocked" (default): tokens
-            priced in shrinking blocks, then repair rounds toward the water level; balances at
-            least as well as the paper's sequential greedy on the benchmark workloads, with a
-            few hundred small tensor ops. "price" (fixed by the ``laser_fast`` router): one
-            price pass over all tokens, far fewer ops, loads a few percent above the water
-            level (``policies.laser_routing``; timings in results/routers_cpu*.md).
+        assignment: how flexible tokens get their k experts. "blocked" (default): Hall
+            levels, tokens priced in shrinking blocks, then augmenting rounds toward the least
+            possible peak for the pools (``policies.laser_routing``); results/routers_cpu*.md
+            give its gap to the exact optimum per benchmark cell. "price" (fixed by the
+            ``laser_fast`` router): one price pass over all tokens, far fewer ops, a larger gap.
         block_ratio, min_block: the "blocked" assignment prices ``block_ratio`` of the tokens
             left at a time (at least ``min_block``); smaller blocks balance tighter and cost
             about 15 tensor ops each (``policies.laser_routing.block_bounds``).
-        repair_rounds: rounds of moves from experts above the water level to candidates with
-            room after the "blocked" pricing (0 disables); layers where many tokens are
-            skewed balance closer to the greedy with more (8: on par or better in every layer
-            of the github workload, results/routers_cpu_github_repair8.md).
+        repair_rounds: augmenting rounds of the "blocked" assignment after its pricing (0
+            disables; ``policies.laser_routing.refine_schedule`` turns them into relabels and
+            push steps): more move more excess along longer paths, at more ops.
         price_rounds: passes of the "price" assignment (>= 1): the first uses prices computed
             from the demand, each further one corrects them from the loads it measured
             (2: tighter balance for one more top-k over [T, c]).

@@ -125,7 +125,7 @@ POLICIES: dict[str, Policy] = {
             laser,
             LaserParams,
             False,
-            "LASER: adaptive pool, least-loaded of c candidates (blocked pricing + repair)",
+            "LASER: adaptive pool, k of c candidates toward the least possible peak (Hall levels, blocked pricing, augmenting rounds)",
             (("load_only", False),),
             uses_expert_load=True,
         ),

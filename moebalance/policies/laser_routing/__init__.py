@@ -15,23 +15,28 @@ details the paper leaves open:
    softmax-post gates), so c = k is exactly vanilla top-k.
 
 The paper's assignment is sequential over tokens (``tests/laser_reference.py`` keeps it for the
-tests and the benchmark). The vectorised assignments aim at the same thing, the least possible
-maximum load, without a loop over tokens or a host synchronisation:
+tests and the benchmark); it is not optimal. For fixed pools the least possible peak is a
+min-max b-matching, which ``moebalance.assignment_optimum`` solves exactly by max-flow for the
+tests and the benchmark. The vectorised assignments aim at it without a loop over tokens or a
+host synchronisation:
 
-- ``assignment="blocked"`` (the ``laser`` router, ``blocked_assign``): tokens priced in
-  geometrically shrinking blocks, then a few repair rounds that move tokens from experts above
-  the water level to candidates with room. It spends a few hundred small tensor ops to reach
-  the balance of the sequential greedy or better (``results/routers_cpu.md`` compares them on
-  the calibrated workloads, with timings).
+- ``assignment="blocked"`` (the ``laser`` router, ``blocked_assign``): per-expert targets and a
+  lower bound on the peak from the forced structure of the pools (``hall_levels``), tokens
+  priced in geometrically shrinking blocks toward the targets, then augmenting rounds
+  (``refine_assignment``) that move the excess above the bound along paths of token moves.
+  When they drain it the peak is the least possible; ``results/routers_cpu.md`` gives the gap
+  to the exact optimum per benchmark cell.
 - ``assignment="price"`` (the ``laser_fast`` router, ``price_assign``): one price pass over all
-  tokens, far fewer ops; loads land a few percent above the water level.
+  tokens, far fewer ops; loads land a few percent above the water level (its gap to the
+  optimum per cell is in the same table).
 
 ``load_only`` (every pool = all experts) has an exact closed form instead: water-filling to the
 least possible maximum and McNaughton's wrap-around to deal the slots (``load_only_indices``).
 
 Modules, one job each: ``plan`` (shape test, pools, starting loads, the final Routing),
-``water_level`` (the target and the load-only closed form), ``blocked`` and ``price`` (the two
-assignments), ``noise`` (their fixed tie noise).
+``water_level`` (the water level and the load-only closed form), ``levels`` (Hall levels: the
+targets and bound of the blocked assignment), ``blocked`` (its pricing), ``refine`` (its
+augmenting rounds), ``price`` (the price assignment), ``noise`` (their fixed tie noise).
 """
 
 from __future__ import annotations
@@ -41,8 +46,10 @@ import torch
 from ...config import GateConfig, LaserParams, RoutingContext
 from ...routing import Routing
 from .blocked import block_bounds, blocked_assign
+from .levels import HallLevels, hall_levels
 from .plan import LaserPlan, finish_routing, laser_plan
 from .price import price_assign
+from .refine import refine_assignment, refine_schedule
 from .water_level import capped_water_level, layout_tie_order, load_only_indices
 
 __all__ = [
@@ -56,6 +63,10 @@ __all__ = [
     "blocked_assign",
     "price_assign",
     "block_bounds",
+    "hall_levels",
+    "HallLevels",
+    "refine_assignment",
+    "refine_schedule",
 ]
 
 
@@ -91,8 +102,10 @@ def laser(
         return finish_routing(logits, gate, vanilla_idx, flexible, pool_idx[:, :k], dist)
     trimmed = valid if params.min_score_ratio > 0 else None  # else every candidate is valid
     # the assignment only moves indices: no autograd bookkeeping (version counters, views) for
-    # its few hundred small ops; its [T, k] result is an index, never saved for backward
-    with torch.inference_mode():
+    # its few hundred small ops; its [T, k] result is an index, never saved for backward.
+    # torch.compile cannot trace inference mode: plain no_grad there
+    quiet = torch.no_grad() if torch.compiler.is_compiling() else torch.inference_mode()
+    with quiet:
         if params.assignment == "price":
             chosen_idx = price_assign(pool_idx, trimmed, flexible, load, k, params.price_rounds)
         else:

@@ -29,10 +29,13 @@ def fixed_noise(rows: int, cols: int, device: torch.device, seed: int) -> torch.
             if table is None or table.shape[0] < rows:
                 n = max(rows, 1024, 2 * (0 if table is None else table.shape[0]))
                 gen = torch.Generator().manual_seed(seed)
-                u = torch.rand((n, cols), generator=gen, dtype=torch.float64)
-                u = u.clamp(1e-12, 1 - 1e-12)
-                # log(-log u) lies in [-27.7, 3.4]: shifted to be positive, so that keys
-                # (non-negative prices + noise) can use the int32 view of the floats
-                table = (torch.log(-torch.log(u)) + 28.0).float().to(device)
+                # a normal tensor even when first drawn inside inference mode (the policies
+                # run their assignment there), so later callers outside it can use it
+                with torch.inference_mode(False):
+                    u = torch.rand((n, cols), generator=gen, dtype=torch.float64)
+                    u = u.clamp(1e-12, 1 - 1e-12)
+                    # log(-log u) lies in [-27.7, 3.4]: shifted to be positive, so that keys
+                    # (non-negative prices + noise) can use the int32 view of the floats
+                    table = (torch.log(-torch.log(u)) + 28.0).float().to(device)
                 _NOISE[key] = table
     return table[:rows]

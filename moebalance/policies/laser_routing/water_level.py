@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ...config import GateConfig
+from .indexing import pick
 
 __all__ = ["capped_water_level", "load_only_indices", "layout_tie_order"]
 
@@ -32,7 +33,7 @@ def capped_water_level(base: torch.Tensor, need: torch.Tensor, limit: torch.Tens
     inside = torch.minimum(lo + ((need - fill_lo) / slope.clamp_(min=1)).ceil_(), hi)
     first = (fill < need).sum().clamp_(max=bp.numel() - 1)  # first breakpoint reaching need
     # first = 0: need <= 0, the lowest breakpoint; else the level inside segment first - 1
-    return torch.cat([bp[:1], inside]).take(first)
+    return pick(torch.cat([bp[:1], inside]), first)
 
 
 def load_only_indices(
