@@ -45,6 +45,10 @@ __all__ = [
     "load_run_config",
     "apply_overrides",
     "resolve",
+    "PAPER_ARGS",
+    "CALIBRATED_ARGS",
+    "calibrated_laser_file",
+    "laser_args_source",
 ]
 
 FRAMEWORKS = ("megatron", "deepspeed")
@@ -68,7 +72,10 @@ class RunConfig:
             same weights).
         router: routing policy name; router_args: its parameters ({field: value}, per_layer
             included); router_args_file: a YAML mapping of parameters, applied before
-            router_args.
+            router_args, or a name (``laser_args_source``): "paper" for the router's own
+            defaults (LASER's are the paper's), "calibrated" for the LASER parameters shipped
+            with a trained model. ``laser`` on a shipped trained model without router_args
+            or router_args_file runs that model's calibrated file.
         load_scope: "local" or "global" (EP-global loads for LASER).
         placement: a replica placement file (``moebalance.placement.save_plan``, e.g. written
             by ``scripts/plan_placement.py``) for this model and EP size: every MoE layer then
@@ -244,7 +251,9 @@ class Run:
     """A validated run: the config and what it resolves to.
 
     Attributes:
-        config: the RunConfig (with ``model``/``checkpoint`` filled in for the default model).
+        config: the RunConfig (with ``model``/``checkpoint`` filled in for the default model,
+            and ``router_args_file`` with the calibrated LASER file a run uses by default or
+            by name: ``laser_args_source``).
         model: the ModelConfig served.
         params: the router's parameter dataclass.
         routers: the routers to run, in order (vanilla first under ``compare``).
@@ -309,9 +318,73 @@ def _model(cfg: RunConfig) -> tuple[RunConfig, ModelConfig]:
     return dataclasses.replace(cfg, model=model_name, checkpoint=checkpoint), model
 
 
+# ----------------------------------------------------------------------------- LASER's defaults
+# Where ``laser``'s parameters come from when the run names none. A shipped trained model carries
+# per-layer LASER parameters calibrated to a quality budget (``moebalance/checkpoints/<model>/
+# laser.yaml``, written by scripts/calibrate_laser.py); the paper's defaults move too many tokens
+# for models this small. ``router_args_file`` also takes two names instead of a path.
+
+#: ``--router-args-file paper``: no file, the router's own defaults (the paper's for LASER)
+PAPER_ARGS = "paper"
+#: ``--router-args-file calibrated``: the served trained model's calibrated LASER file
+CALIBRATED_ARGS = "calibrated"
+#: the calibrated file's name beside a shipped model's checkpoint
+CALIBRATED_LASER_FILE = "laser.yaml"
+#: routers that run the calibrated file when the run gives no parameters
+CALIBRATED_BY_DEFAULT = ("laser",)
+#: routers ``calibrated`` may be named for (LASER's pools and thresholds)
+CALIBRATED_ROUTERS = ("laser", "laser_fast")
+
+
+def calibrated_laser_file(checkpoint: Optional[str]) -> Optional[Path]:
+    """The calibrated LASER parameters of a shipped trained model served from ``checkpoint``
+    (its ``laser.yaml``), or None for another checkpoint or a model without one."""
+    if checkpoint is None:
+        return None
+    served = Path(checkpoint).resolve()
+    for name in trained_checkpoints():
+        weights, _ = trained_checkpoint(name)
+        if weights.resolve() == served:
+            path = weights.parent / CALIBRATED_LASER_FILE
+            return path if path.is_file() else None
+    return None
+
+
+def laser_args_source(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with the router parameters' source settled in ``router_args_file`` (so that the
+    report's ``config.run`` names it): the calibrated file's path for ``calibrated``, and for
+    ``laser`` on a shipped trained model when neither router_args nor router_args_file is given;
+    "paper" stays (no file is read); anything else is unchanged. Any router_args or a file of
+    one's own thus replaces the calibrated defaults; ``calibrated`` plus router_args builds on
+    them (their per_layer entries win over top-level fields, as in any file). ConfigError for
+    ``calibrated`` with another router or a model without a calibrated file."""
+    source = cfg.router_args_file
+    if source == CALIBRATED_ARGS:
+        if cfg.router not in CALIBRATED_ROUTERS:
+            raise ConfigError(
+                f"--router-args-file {CALIBRATED_ARGS} holds LASER parameters, for routers "
+                f"{CALIBRATED_ROUTERS}; got --router {cfg.router}"
+            )
+        path = calibrated_laser_file(cfg.checkpoint)
+        if path is None:
+            shipped = [n for n in trained_checkpoints()
+                       if calibrated_laser_file(str(trained_checkpoint(n)[0])) is not None]
+            raise ConfigError(
+                f"--router-args-file {CALIBRATED_ARGS}: no calibrated LASER parameters for this "
+                f"model (shipped for the trained models {shipped}; scripts/calibrate_laser.py "
+                "writes one for yours)"
+            )
+        return dataclasses.replace(cfg, router_args_file=str(path))
+    if source is None and not cfg.router_args and cfg.router in CALIBRATED_BY_DEFAULT:
+        path = calibrated_laser_file(cfg.checkpoint)
+        if path is not None:
+            return dataclasses.replace(cfg, router_args_file=str(path))
+    return cfg
+
+
 def _router_params(cfg: RunConfig, model: ModelConfig) -> Any:
     args = {}
-    if cfg.router_args_file is not None:
+    if cfg.router_args_file is not None and cfg.router_args_file != PAPER_ARGS:
         args = read_yaml_mapping(Path(cfg.router_args_file), "--router-args-file")
     params = make_params(cfg.router, {**args, **cfg.router_args})
     gate = model.gate_config()
@@ -368,6 +441,7 @@ def resolve(
             f"--prompt-domain must be one of {DEFAULT_DOMAINS} with a trained model, got "
             f"{cfg.prompt_domain!r}" + ("" if cfg.checkpoint else " for a random-init model")
         )
+    cfg = laser_args_source(cfg)  # "paper", "calibrated", or laser's calibrated default
     params = _router_params(cfg, model)
     check_load_scope(cfg.load_scope, cfg.router)
     if cfg.eval_seqs and cfg.eval_len > model.max_sequence_length:
