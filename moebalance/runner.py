@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError, GateConfig, RoutingContext
+from .expert_cache import ExpertCache
 from .policies import get_policy, resolve_params, route
 from .replicas import ReplicaParams, check_layout, choose_replicas, layout_for_rank
 from .routing import Routing
@@ -132,6 +133,35 @@ class RouterRunner:
         # 0-dim bool on the logits' device: a non-finite logit since the last check
         # (``check_router_logits`` reads it once per model step: no sync per layer)
         self.nonfinite: Optional[torch.Tensor] = None
+        # a simulated expert cache (``attach_cache``): counts hits; ``cache_aware``: its state is
+        # the policy's load signal
+        self.cache: Optional[ExpertCache] = None
+        self.cache_aware = False
+
+    def attach_cache(self, capacity: Optional[int], *, aware: bool = False) -> None:
+        """Give this layer an empty LRU ``ExpertCache`` of ``capacity`` experts (None: none),
+        updated by every decision. ``aware``: cache-aware routing, the cache state as the
+        policy's load signal (``moebalance.expert_cache``); policies that read expert loads
+        only, with load_scope "local"."""
+        if capacity is None:
+            self.cache, self.cache_aware = None, False
+            return
+        if aware and not self.policy.uses_expert_load:
+            raise ConfigError(
+                f"cache-aware routing needs a policy that reads expert loads (laser, laser_fast); "
+                f"router {self.policy.name!r} does not"
+            )
+        if aware and self.load_scope != "local":
+            raise ConfigError(
+                f"cache-aware routing replaces the load signal: load_scope must be 'local', got "
+                f"{self.load_scope!r}"
+            )
+        if capacity < self.gate.topk:
+            raise ConfigError(
+                f"cache capacity must be at least topk = {self.gate.topk} experts, got {capacity}"
+            )
+        self.cache = ExpertCache(self.gate.num_experts, capacity)
+        self.cache_aware = bool(aware)
 
     @property
     def name(self) -> str:
@@ -195,6 +225,9 @@ class RouterRunner:
         bad = ~torch.isfinite(logits).all()
         self.nonfinite = bad if self.nonfinite is None else self.nonfinite | bad
         self.layer = ctx.layer
+        if self.cache_aware:
+            cost = self.cache.miss_cost(logits.shape[0], self.gate.topk).to(logits.device)
+            ctx = dataclasses.replace(ctx, expert_load=cost)
         decision = route_in_group(
             self.policy.name,
             logits,
@@ -204,6 +237,8 @@ class RouterRunner:
             load_scope=self.load_scope,
             group=group,
         )
+        if self.cache is not None:
+            self.cache.record(decision.routing_map)
         if self.layout is not None:
             # round-robin turns start where this rank's previous call left off (so that a
             # decode step's one token per sequence does not always take the first replica),
