@@ -29,6 +29,7 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout too
 
 from moebalance.config import ConfigError  # noqa: E402
+from moebalance.expert_cache import attach_caches, cache_stats  # noqa: E402
 from moebalance.harness import Run, get_framework  # noqa: E402
 from moebalance.harness.framework import quiet_import_warnings  # noqa: E402
 from moebalance.harness.budget import apply_memory_budget  # noqa: E402
@@ -121,6 +122,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     for i, router in enumerate(run.routers):
         if i > 0:  # same model, same prompts: only the routing decision changes
             framework.swap_router(model, router, run.params_of(router), run.load_scope_of(router))
+        if cfg.cache_experts:  # a fresh simulated cache per router; aware: the served router
+            attach_caches(model, cfg.cache_experts, aware=cfg.cache_aware and router == cfg.router)
         local = measure(
             framework, model, ids, pad, gen_len=cfg.gen_len, warmup=cfg.warmup, recorder=recorder,
             on_step=rebalancer.after_step if rebalancer else None, label=router,
@@ -128,6 +131,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         )
         local["rebalancing"] = rebalancer.events if rebalancer else None
         local["pinning"] = pinning
+        local["expert_cache"] = cache_stats(model) if cfg.cache_experts else None
         held_out = heldout_quality(model, eval_sequences, setup.device)  # this router active
         if recording:
             recording.save(router, PROG)  # collective

@@ -326,6 +326,12 @@ INFER_BAD = [
     (["--replica-policy", "random"], "policy", "round_robin"),
     (["--record-routing", ""], "--record-routing", "must name a file"),
     (["--record-routing", "/tmp"], "--record-routing", "must name a file"),
+    (["--cache-experts", "1"], "--cache-experts", "[2, 8]"),
+    (["--cache-experts", "9"], "--cache-experts", "[2, 8]"),
+    (["--router", "laser", "--cache-aware"], "--cache-aware", "--cache-experts N"),
+    (["--router", "topk", "--cache-experts", "4", "--cache-aware"], "--cache-aware", "laser"),
+    (["--router", "laser", "--load-scope", "global", "--cache-experts", "4", "--cache-aware"],
+     "--cache-aware", "--load-scope local"),
 ]
 
 

@@ -154,3 +154,30 @@ def test_cache_aware_routing_in_a_megatron_model():
         assert rates["laser"] < rates["topk"], rates
     finally:
         framework.destroy_distributed()
+
+
+def test_infer_reports_each_routers_cache(tmp_path):
+    """``infer.py --cache-experts N --cache-aware --compare`` under torchrun: every router's run
+    carries per-layer cache counts, one step per model call (prefill, decode steps, warm-up
+    included), each router with a fresh cache."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
+           str(root / "scripts" / "infer.py"), "--router", "laser", "--compare", "--cache-experts", "4",
+           "--cache-aware", "--batch", "1", "--prompt-len", "8", "--gen-len", "3", "--eval-seqs", "0",
+           "--no-pin", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["config"]["run"]["cache_experts"] == 4 and report["config"]["run"]["cache_aware"]
+    for run in report["runs"]:
+        stats = run["per_rank"][0]["expert_cache"]
+        assert sorted(stats) == ["0", "1", "2", "3"]
+        for layer in stats.values():
+            assert layer["steps"] == 2 * 3  # (prefill + 2 decode steps) x (warm-up + measured)
+            assert 0 <= layer["misses"] <= layer["uses"] and layer["uses"] >= 2 * 3 * 2

@@ -82,6 +82,10 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     add("--rebalance-every", type=int, help="with replicas: re-plan and move weights every N steps")
     add("--rebalance-window", type=int, help="steps of loads each re-plan sums (default: 16)")
     add("--replica-policy", help="round_robin, least_loaded or local_first (default: round_robin)")
+    add("--cache-experts", type=int, help="simulate an LRU expert cache of N experts per MoE "
+        "layer (offloaded serving) and report hit rates (default: 0, none)")
+    add("--cache-aware", action="store_true", help="with --cache-experts: LASER prefers "
+        "resident experts (the cache state as its load signal)")
     add("--memory-budget", help="'same': int8 experts keep each rank's expert bytes within the "
         "unreplicated model's (with --placement)")
     add("--config", "--model", dest="model",

@@ -30,7 +30,7 @@ from ..model_config import (
     trained_checkpoints,
 )
 from ..placement import check_plans_fit, load_plan
-from ..policies import POLICIES, make_params
+from ..policies import POLICIES, get_policy, make_params
 from ..replicas import ReplicaParams
 from ..runner import check_load_scope
 from ..weights import check_checkpoint_file
@@ -123,6 +123,10 @@ class RunConfig:
             model, router, prompts and domains in its header. With ``compare`` one file per
             router, ``<stem>.<router>.safetensors`` (``record_path``). For
             ``scripts/locality.py``.
+        cache_experts: simulate an LRU expert cache of this many experts per MoE layer
+            (offloaded serving; ``moebalance.expert_cache``) and report each router's hit rate
+            (0: none). cache_aware: the served router (LASER) prefers resident experts: the
+            cache state as its load signal.
     """
 
     model: Optional[str] = None
@@ -160,13 +164,15 @@ class RunConfig:
     pin_cores: bool = True
     profile: Optional[str] = None
     record_routing: Optional[str] = None
+    cache_experts: int = 0
+    cache_aware: bool = False
 
 
 _INT_FIELDS = (
     "batch", "prompt_len", "gen_len", "warmup", "seed", "eval_seqs", "eval_len", "redundant",
-    "rebalance_every", "rebalance_window",
+    "rebalance_every", "rebalance_window", "cache_experts",
 )
-_BOOL_FIELDS = ("compare", "uneven", "overwrite", "nvtx", "pin_cores")
+_BOOL_FIELDS = ("compare", "uneven", "overwrite", "nvtx", "pin_cores", "cache_aware")
 _STR_FIELDS = ("framework", "router", "load_scope", "dispatcher", "replica_policy")
 _OPTIONAL_STR_FIELDS = (
     "model", "checkpoint", "skew", "router_args_file", "placement", "memory_budget",
@@ -515,6 +521,20 @@ def resolve(
         raise ConfigError(
             f"--memory-budget must be 'same' (with --placement or --replicate), got "
             f"{cfg.memory_budget!r}" + ("" if replicated else " without replicas")
+        )
+    if cfg.cache_experts and not model.topk <= cfg.cache_experts <= model.num_experts:
+        raise ConfigError(
+            f"--cache-experts must be 0 (no cache) or in [{model.topk}, {model.num_experts}] "
+            f"(top-k to all experts), got {cfg.cache_experts}"
+        )
+    if cfg.cache_aware and (
+        not cfg.cache_experts or not get_policy(cfg.router).uses_expert_load
+        or cfg.load_scope != "local"
+    ):
+        raise ConfigError(
+            "--cache-aware needs --cache-experts N, a router that reads expert loads (laser, "
+            f"laser_fast) and --load-scope local; got --cache-experts {cfg.cache_experts}, "
+            f"--router {cfg.router}, --load-scope {cfg.load_scope}"
         )
     plans = importance = None
     if cfg.placement is not None:
