@@ -66,8 +66,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import multiprocessing
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -76,6 +76,7 @@ import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
+from unittest import mock
 
 import torch
 
@@ -781,11 +782,13 @@ def markdown(records: list[dict], config: dict, env: dict, compiled: dict | None
             "## torch.compile(fullgraph=True) on CPU",
             "",
             f"Each policy function compiled in a fresh process on {COMPILE_TOKENS} tokens of the "
-            f"first workload (after one eager call), then compared with the eager call.",
+            f"first workload (after one eager call), then compared with the eager call; where "
+            "the decisions differ, compiled again with inductor's buffer reuse off "
+            "(`torch._inductor.config.allow_buffer_reuse = False`).",
             "",
             "| router | compiled | same decisions | tokens differing | peak eager / compiled "
-            "| max weight difference | seconds | reason |",
-            "|---|---|---|---:|---:|---:|---:|---|",
+            "| max weight difference | same without buffer reuse | seconds | reason |",
+            "|---|---|---|---:|---:|---:|---|---:|---|",
         ]
         for name, c in compiled.items():
             same = "" if c.get("same_decisions") is None else ("yes" if c["same_decisions"] else "no")
@@ -793,9 +796,11 @@ def markdown(records: list[dict], config: dict, env: dict, compiled: dict | None
             peaks = "" if c.get("peak_eager") is None else f"{c['peak_eager']} / {c['peak_compiled']}"
             diff = "" if c.get("max_weight_diff") is None else f"{c['max_weight_diff']:.2e}"
             reason = (c.get("reason") or "").replace("|", "/").replace("\n", " ")[:160]
+            no_reuse = c.get("same_without_buffer_reuse")
+            no_reuse = "" if no_reuse is None else ("yes" if no_reuse else "no")
             head.append(
                 f"| {name} | {'yes' if c['compiled'] else 'no'} | {same} | {differing} | {peaks} | "
-                f"{diff} | {c['seconds']:.1f} | {reason} |"
+                f"{diff} | {no_reuse} | {c['seconds']:.1f} | {reason} |"
             )
     return "\n".join(head) + "\n"
 
@@ -819,6 +824,13 @@ def _compile_one(queue, name: str, workload: Workload, laser_params) -> None:
         result["peak_eager"] = int(eager.expert_load().max())
         result["peak_compiled"] = int(compiled.expert_load().max())
         result["max_weight_diff"] = float((eager.probs.float() - compiled.probs.float()).abs().max())
+        if not result["same_decisions"]:  # again without inductor's buffer reuse
+            import torch._inductor.config as inductor_config
+
+            torch._dynamo.reset()
+            with torch.no_grad(), mock.patch.object(inductor_config, "allow_buffer_reuse", False):
+                again = torch.compile(policy.fn, fullgraph=True)(logits, gate, params, ctx)
+            result["same_without_buffer_reuse"] = bool(torch.equal(eager.routing_map, again.routing_map))
     except Exception as err:  # noqa: BLE001 - the failure is the finding
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         result["reason"] = f"{type(err).__name__}: {' '.join(lines[:3])}"
