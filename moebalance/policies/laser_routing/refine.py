@@ -43,23 +43,32 @@ MAX_DISTANCE = 6  # breadth-first levels searched (longer paths wait for the nex
 _FAR = float(1 << 20)  # distance of an expert with no path to room within MAX_DISTANCE
 
 
-def refine_schedule(num_tokens: int, k: int, c: int, rounds: int) -> tuple[int, int, int]:
+def refine_schedule(
+    num_tokens: int, k: int, c: int, rounds: int, num_experts: int | None = None
+) -> tuple[int, int, int]:
     """(relabels, push steps per relabel, tokens per relabel) for ``rounds`` rounds.
 
     Each token has k (c - k) possible moves (taken, untaken); the rounds examine about
     ``rounds`` x REFINE_PAIRS of them per token of the batch. Tokens with few possible moves
     make a sparse move graph and long augmenting paths: all of them take part, in
-    REFINE_STEPS x ceil(rounds x REFINE_PAIRS / (k (c - k))) steps, each with its own relabel
-    (a move changes the graph, and on a sparse graph the stale edges soon lead nowhere).
-    Tokens with many make short paths: a strided sample of about T x REFINE_PAIRS / (k (c - k))
-    tokens (at least REFINE_MIN_TOKENS) per relabel, REFINE_STEPS steps each, and fewer
-    relabels; but at least ``rounds`` when the sample is the whole batch (small batches, where
-    one token is a larger share of the peak)."""
+    SPARSE_STEPS x ceil(rounds x REFINE_PAIRS / (k (c - k))) steps, each with its own relabel
+    (a move changes the graph, and on a sparse graph the stale edges soon lead nowhere), but
+    at most max(2 rounds, E / 2) of them: an augmenting path visits each expert at most once,
+    so few experts make short paths (measured on the benchmark workloads: 8 experts reach the
+    least possible peak within 2 relabels, 64 experts with top-2 of 3 or 4 candidates need
+    about 20). Tokens with many moves make short paths: a strided sample of about
+    T x REFINE_PAIRS / (k (c - k)) tokens (at least REFINE_MIN_TOKENS) per relabel,
+    REFINE_STEPS steps each, and fewer relabels; but at least ``rounds`` when the sample is the
+    whole batch (small batches, where one token is a larger share of the peak).
+    ``num_experts``: E (None: no cap)."""
     pairs = max(1, k * (c - k))
     sample = min(num_tokens, max(REFINE_MIN_TOKENS, -(-num_tokens * REFINE_PAIRS // pairs)))
     relabels = -(-rounds * REFINE_PAIRS // pairs)
     if pairs <= REFINE_PAIRS:
-        return SPARSE_STEPS * relabels, 1, sample
+        sparse = SPARSE_STEPS * relabels
+        if num_experts is not None:
+            sparse = min(sparse, max(2 * rounds, num_experts // 2))
+        return sparse, 1, sample
     if sample == num_tokens:
         relabels = max(relabels, rounds)
     return relabels, REFINE_STEPS, sample
@@ -106,7 +115,7 @@ def refine_assignment(
     dev = sel.device
     if rounds <= 0 or c <= k or T == 0:
         return
-    rounds, steps, n = refine_schedule(T, k, c, rounds)
+    rounds, steps, n = refine_schedule(T, k, c, rounds, E)
     stride = max(1, T // n)
     exact = n == T  # the move graph of the whole batch: the closure raise is valid
     first_invalid = None if num_valid is None else num_valid - k  # [T, 1] untaken valid count
