@@ -35,7 +35,9 @@ PROG = "bench_locality.py"
 def routers(model: str) -> dict[str, list[str]]:
     """{label: infer.py options}: top-k, LASER with the paper's parameters and (where the model
     ships a calibrated file, ``moebalance/checkpoints/<model>/laser.yaml``) with its calibrated
-    ones, token drop and expanded drop at gamma 1.5."""
+    ones, token drop and expanded drop at gamma 1.5, and top-k with replicas planned on a
+    calibration pass (``--replicate auto``: the record holds logical experts, so its locality
+    is top-k's; its MV is over physical slots)."""
     try:
         from moebalance.harness.config import PAPER_ARGS
     except ImportError:  # no calibrated defaults: plain laser runs the paper's parameters
@@ -48,6 +50,7 @@ def routers(model: str) -> dict[str, list[str]]:
     out["token_drop g=1.5"] = ["--router", "token_drop", "--router-args", "capacity_factor=1.5"]
     out["expanded_drop g=1.5"] = ["--router", "expanded_drop", "--router-args",
                                   "capacity_factor=1.5"]
+    out["topk + replicas"] = ["--router", "topk", "--replicate", "auto"]
     return out
 
 
