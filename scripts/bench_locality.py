@@ -15,8 +15,6 @@ PCIe 4.0 x16). Each run's own JSON, record and locality report stay under ``--wo
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moebalance.config import ConfigError  # noqa: E402
-from moebalance.harness.cli import OneLineParser  # noqa: E402
+from moebalance.harness.cli import OneLineParser, run_step  # noqa: E402
 from moebalance.harness.report import cpu_name, git_commit, utc_now, write_json  # noqa: E402
 from moebalance.files import write_text_atomic  # noqa: E402
 
@@ -83,11 +81,7 @@ def parse_args(argv=None):
 
 
 def _run(command: list[str], what: str) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    env.pop("WORLD_SIZE", None)
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"{PROG}: {what} failed:\n{done.stderr[-3000:]}")
+    run_step(PROG, command, what, cwd=ROOT)
 
 
 def _locality_rows(path: Path) -> dict:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from moebalance.config import ConfigError, parse_key_values  # noqa: E402
 from moebalance.corpus import DEFAULT_DOMAINS  # noqa: E402
-from moebalance.harness.cli import OneLineParser  # noqa: E402
+from moebalance.harness.cli import OneLineParser, run_step  # noqa: E402
 from moebalance.harness.report import git_commit, utc_now, write_json  # noqa: E402
 from moebalance.files import write_text_atomic  # noqa: E402
 from moebalance.model_config import trained_checkpoints  # noqa: E402
@@ -90,11 +89,7 @@ def parse_args(argv=None):
 
 
 def _run(command: list[str], what: str) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    env.pop("WORLD_SIZE", None)
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"{PROG}: {what} failed:\n{done.stderr[-3000:]}")
+    run_step(PROG, command, what, cwd=ROOT)
 
 
 def _infer(args, model: str, ep: int, out: Path, *extra: str) -> dict:

@@ -29,7 +29,20 @@ from .config import (
     run_config_presets,
 )
 
-__all__ = ["OneLineParser", "fail", "build_parser", "run_from_args"]
+__all__ = ["OneLineParser", "fail", "build_parser", "run_from_args", "run_step"]
+
+
+def run_step(prog: str, command: list[str], what: str, cwd: Any = None) -> None:
+    """Run one step of a benchmark script (an ``infer.py`` job under torchrun, an analysis) as
+    a subprocess: one intra-op thread per process, warnings off, no WORLD_SIZE inherited from
+    a surrounding job. On failure exit naming ``what`` with the end of its stderr."""
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.pop("WORLD_SIZE", None)
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{prog}: {what} failed:\n{done.stderr[-3000:]}")
 
 
 def fail(prog: str, message: str) -> None:

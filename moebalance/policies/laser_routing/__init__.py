@@ -24,8 +24,8 @@ host synchronisation:
   lower bound on the peak from the forced structure of the pools (``hall_levels``), tokens
   priced in geometrically shrinking blocks toward the targets, then augmenting rounds
   (``refine_assignment``) that move the excess above the bound along paths of token moves.
-  When they drain it the peak is the least possible; ``results/routers_cpu.md`` gives the gap
-  to the exact optimum per benchmark cell.
+  When they drain it the peak is the least possible; ``results/routers_cpu_1thread.md``
+  gives the gap to the exact optimum per benchmark cell.
 - ``assignment="price"`` (the ``laser_fast`` router, ``price_assign``): one price pass over all
   tokens, far fewer ops; loads land a few percent above the water level (its gap to the
   optimum per cell is in the same table).
