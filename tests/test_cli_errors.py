@@ -112,7 +112,7 @@ BAD = [
     (BENCH, ["--presets", "mixtral", "--laser-args", "pool_size=9"], "--laser-args", "num_experts=8"),
     (BENCH, ["--laser-args", "top_m=100"], "--laser-args", "top_m must be <= num_experts"),
     (BENCH, ["--presets", "mixtral", "--laser-args", "per_layer={7: {pool_size: 9}}"],
-     "--laser-args", "preset mixtral layer 7"),
+     "--laser-args", "workload mixtral layer 7"),
     (BENCH, ["--laser-args", "per_layer={3: {pool_size: 4}}"], "--laser-args", "allowed layers"),
     (BENCH, ["--laser-args", "eps_high=nan"], "--laser-args", "finite number"),
     (BENCH, ["--laser-args", "repair_rounds=1000000000"], "--laser-args", "<= 64"),
@@ -227,8 +227,8 @@ def test_bench_good_command_lines_parse(files):
     assert args.tokens == list(bench.QUICK_TOKENS) and args.repeats == bench.QUICK_REPEATS
     assert args.presets == list(bench.PRESETS) and args.out == out
     args = bench.parse_args([
-        "--presets", "mixtral", "--tokens", "64, 128", "--repeats", "3", "--threads", "1",
-        "--domain", "github", "--seed", "-7", "--out", str(out),
+        "--presets", "mixtral", "--skewed", "none", "--tokens", "64, 128", "--repeats", "3",
+        "--threads", "1", "--domain", "github", "--seed", "-7", "--out", str(out),
         "--laser-args", "pool_size=4", "per_layer={7: {pool_size: 3}}", "repair_rounds=8",
     ])
     assert args.tokens == [64, 128] and args.repeats == 3 and args.threads == 1
