@@ -117,11 +117,12 @@ def test_cache_aware_laser_takes_resident_candidates_first():
     assert aware.cache.hit_rate() > plain.cache.hit_rate() + 5
 
 
-def test_cache_aware_routing_in_a_megatron_model():
-    """The option through a real Megatron-Core model (trained tiny-moe, world size 1): every
-    router gets a cache, decode steps count hits, and cache-aware LASER with wide pools hits
-    more often than vanilla top-k on the same tokens."""
-    pytest.importorskip("megatron.core")
+@pytest.mark.parametrize("framework_name", ["megatron", "deepspeed"])
+def test_cache_aware_routing_in_a_real_model(framework_name):
+    """The option through a real Megatron-Core or DeepSpeed model (trained tiny-moe, world size
+    1): every router gets a cache, decode steps count hits, and cache-aware LASER with wide
+    pools misses less often than vanilla top-k on the same tokens."""
+    pytest.importorskip("megatron.core" if framework_name == "megatron" else "deepspeed")
     import sys
     from pathlib import Path
 
@@ -133,7 +134,7 @@ def test_cache_aware_routing_in_a_megatron_model():
     from moebalance.harness import get_framework
     from moebalance.model_config import load_model_config, trained_checkpoint
 
-    framework = get_framework("megatron")
+    framework = get_framework(framework_name)
     setup = framework.init_distributed(1, 120.0)
     try:
         checkpoint, config = trained_checkpoint("tiny-moe")

@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FAULT = ROOT / "tests" / "infer_fault.py"
 SMALL = ["--batch", "2", "--prompt-len", "8", "--eval-seqs", "0", "--warmup", "0"]
 START_S = 120  # the most any launch may take to reach its first marker (imports, rendezvous)
-MARK = re.compile(r"infer_fault: rank (\d+) (.+) at (\d+\.\d+)")
+# non-greedy, and every match of a line: ranks writing at once can share one stderr line
+MARK = re.compile(r"infer_fault: rank (\d+) (.+?) at (\d+\.\d+)")
 
 
 class Launched:
@@ -64,9 +65,9 @@ class Launched:
     def marker(self, rank: int, what: str) -> Optional[float]:
         """When rank ``rank`` printed ``what`` (None: not yet)."""
         for line in list(self.lines):
-            m = MARK.search(line)
-            if m and int(m[1]) == rank and m[2] == what:
-                return float(m[3])
+            for m in MARK.finditer(line):
+                if int(m[1]) == rank and m[2] == what:
+                    return float(m[3])
         return None
 
     def wait_marker(self, rank: int, what: str, timeout: float = START_S) -> float:
