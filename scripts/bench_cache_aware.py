@@ -146,9 +146,9 @@ def teacher_forced(framework, model, seqs):
     return nll, count
 
 
-def bench_model(name: str, args, framework, setup, log) -> list[dict]:
-    import torch
-
+def bench_model(name: str, args, framework, setup, log) -> tuple[list[dict], dict]:
+    """The rows of one trained model (every domain, cache size and router row) and what the
+    report says of the model (experts, top-k, expert bytes, its calibrated file)."""
     from moebalance.corpus import default_corpus, heldout_sequences
     from moebalance.expert_cache import attach_caches, cache_stats
     from moebalance.harness.config import calibrated_laser_file
@@ -205,7 +205,6 @@ def bench_model(name: str, args, framework, setup, log) -> list[dict]:
                 log(f"{name} {domain} rho={rho:g} {label}: ppl {ppl:.4f}, hit {rows[-1]['hit_rate']:.1f}%")
         attach_caches(model, None)
     del model
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return rows, {"num_experts": E, "topk": k, "expert_bytes": expert_bytes,
                   "calibrated_file": str(calibrated.relative_to(ROOT)) if calibrated else None}
 
@@ -245,29 +244,20 @@ def main(argv=None) -> int:
     import torch
 
     from moebalance.files import write_text_atomic
-    from moebalance.harness import get_framework
-    from moebalance.harness.framework import quiet_import_warnings
+    from moebalance.harness.framework import elapsed_logger, one_process
     from moebalance.harness.report import write_json
 
-    torch.set_num_threads(args.threads)
-    quiet_import_warnings()
     started = time.perf_counter()
-
-    def log(line: str) -> None:
-        print(f"[{PROG}] {line} ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
-
-    framework = get_framework("megatron")
-    setup = framework.init_distributed(1, 300.0)
+    log = elapsed_logger(f"[{PROG}]")
     rows, models = [], {}
     try:
-        for name in args.models:
-            got, models[name] = bench_model(name, args, framework, setup, log)
-            rows += got
+        with one_process("megatron", args.threads) as (framework, setup):
+            for name in args.models:
+                got, models[name] = bench_model(name, args, framework, setup, log)
+                rows += got
     except ConfigError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
-    finally:
-        framework.destroy_distributed()
     report = {
         "command": ("python scripts/bench_cache_aware.py " + " ".join(argv)).strip(),
         "environment": {"git_commit": git_commit(), "cpu": cpu_name(), "torch": torch.__version__,

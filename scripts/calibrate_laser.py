@@ -625,23 +625,13 @@ def trace_json(base: Measure, trials: dict, choices: list, args: argparse.Namesp
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    import torch
-
     from moebalance.files import write_text_atomic
-    from moebalance.harness import get_framework
-    from moebalance.harness.framework import quiet_import_warnings
+    from moebalance.harness.framework import elapsed_logger, one_process
     from moebalance.telemetry import MoERecorder
 
-    torch.set_num_threads(args.threads)
-    quiet_import_warnings()
     started = time.perf_counter()
-
-    def log(line: str) -> None:
-        print(f"{PROG}: {line} ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
-
-    framework = get_framework(args.framework)
-    setup = framework.init_distributed(1, 300.0)
-    try:
+    log = elapsed_logger(f"{PROG}:")
+    with one_process(args.framework, args.threads) as (framework, setup):
         cfg = args.model_cfg
         model = framework.build_model(
             cfg, setup, router="topk", router_params=None, load_scope="local",
@@ -658,8 +648,6 @@ def main(argv=None) -> int:
             f"'{args.domain}', {args.cost} budget(s) {', '.join(f'{b:g}' for b in args.budgets)}")
         base, trials = sweep(evaluate, args.layers, args.grid, Setting(cfg.topk), log=log)
         choices = [choose(evaluate, base, trials, args.cost, b, log=log) for b in args.budgets]
-    finally:
-        framework.destroy_distributed()
     wall = time.perf_counter() - started
     command = ("python scripts/calibrate_laser.py " + " ".join(argv)).strip()
     for choice in choices:

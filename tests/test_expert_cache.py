@@ -131,12 +131,10 @@ def test_cache_aware_routing_in_a_real_model(framework_name):
 
     from moebalance.corpus import default_corpus, heldout_sequences
     from moebalance.expert_cache import attach_caches, cache_stats
-    from moebalance.harness import get_framework
+    from moebalance.harness.framework import one_process
     from moebalance.model_config import load_model_config, trained_checkpoint
 
-    framework = get_framework(framework_name)
-    setup = framework.init_distributed(1, 120.0)
-    try:
+    with one_process(framework_name, timeout_s=120.0) as (framework, setup):
         checkpoint, config = trained_checkpoint("tiny-moe")
         cfg = load_model_config(config)
         model = framework.build_model(cfg, setup, router="topk", router_params=None, load_scope="local",
@@ -153,8 +151,6 @@ def test_cache_aware_routing_in_a_real_model(framework_name):
             assert all(s["steps"] == 24 for s in stats.values())
             rates[name] = sum(100 - s["hit_rate"] for s in stats.values())
         assert rates["laser"] < rates["topk"], rates
-    finally:
-        framework.destroy_distributed()
 
 
 def test_infer_reports_each_routers_cache(tmp_path):

@@ -247,9 +247,8 @@ def test_laser_reaches_the_optimum_on_skewed_pools(skewed_cases):
 
 def test_laser_fast_gap_to_the_optimum_is_bounded(skewed_cases):
     """``laser_fast`` (one price pass) lands above the optimum, by at most 40% on these pools
-    (measured: 24-27% with top-2 of 3 or 4 candidates, 7-10% with top-4 and top-8;
-    ``results/routers_cpu_1thread.md`` has the gap per benchmark cell); a broken price start or
-    update goes far beyond that."""
+    (``results/routers_cpu_1thread.md`` has its gap per benchmark cell); a broken price start
+    or update goes far beyond that."""
     gaps = {}
     for name, gate, logits, params in skewed_cases:
         fast = route("laser_fast", logits, gate, {"pool_size": params.pool_size})

@@ -12,9 +12,12 @@ Sk] bool (True = masked), inference_context=None, padding_mask=None [B, S] bool 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import sys
+import time
 import warnings
-from typing import Any, Optional, Protocol, runtime_checkable
+from typing import Any, Callable, Iterator, Optional, Protocol, runtime_checkable
 
 import torch
 
@@ -23,7 +26,10 @@ from ..model_config import ModelConfig
 from ..parallel import ParallelSetup
 from ..telemetry import Instrumentation, MoERecorder
 
-__all__ = ["Framework", "AdapterFramework", "ADAPTERS", "QUIET_WARNINGS", "get_framework", "quiet_import_warnings"]
+__all__ = [
+    "Framework", "AdapterFramework", "ADAPTERS", "QUIET_WARNINGS", "get_framework",
+    "quiet_import_warnings", "one_process", "elapsed_logger",
+]
 
 #: framework name -> the adapter module that holds its ``FRAMEWORK`` object
 ADAPTERS = {"megatron": "megatron_patch.harness", "deepspeed": "deepspeed_patch.harness"}
@@ -148,3 +154,32 @@ def get_framework(name: str) -> Framework:
             f"moebalance[{name}]"
         ) from None
     return module.FRAMEWORK
+
+
+@contextlib.contextmanager
+def one_process(
+    name: str, threads: Optional[int] = None, timeout_s: float = 300.0
+) -> Iterator[tuple[Framework, ParallelSetup]]:
+    """(framework, setup) of a one-process run (world size 1: every expert local), for scripts
+    that evaluate a model in-process (calibration, the cache benchmark): ``threads`` intra-op
+    threads (None: torch's), the frameworks' import warnings quiet, the process group torn down
+    on the way out, also after an error."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    quiet_import_warnings()
+    framework = get_framework(name)
+    setup = framework.init_distributed(1, timeout_s)
+    try:
+        yield framework, setup
+    finally:
+        framework.destroy_distributed()
+
+
+def elapsed_logger(prefix: str) -> Callable[[str], None]:
+    """A progress logger: ``<prefix> <line> (<seconds since this call> s)`` on stderr."""
+    started = time.perf_counter()
+
+    def log(line: str) -> None:
+        print(f"{prefix} {line} ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+
+    return log

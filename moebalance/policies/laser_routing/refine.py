@@ -54,9 +54,8 @@ def refine_schedule(
     SPARSE_STEPS x ceil(rounds x REFINE_PAIRS / (k (c - k))) steps, each with its own relabel
     (a move changes the graph, and on a sparse graph the stale edges soon lead nowhere), but
     at most max(2 rounds, E / 2) of them: an augmenting path visits each expert at most once,
-    so few experts make short paths (measured on the benchmark workloads: 8 experts reach the
-    least possible peak within 2 relabels, 64 experts with top-2 of 3 or 4 candidates need
-    about 20). Tokens with many moves make short paths: a strided sample of about
+    so few experts make short paths that few relabels drain (the gap per benchmark cell is in
+    results/routers_cpu_1thread.md). Tokens with many moves make short paths: a strided sample of about
     T x REFINE_PAIRS / (k (c - k)) tokens (at least REFINE_MIN_TOKENS) per relabel,
     REFINE_STEPS steps each, and fewer relabels; but at least ``rounds`` when the sample is the
     whole batch (small batches, where one token is a larger share of the peak).
