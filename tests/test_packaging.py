@@ -1,6 +1,6 @@
 """The installed package carries what the harness needs without a source checkout: model, run
-and grid presets, the trained default checkpoint and the workload profiles (package data), and
-the wheel's packages import without the test tree."""
+and grid presets, every shipped trained checkpoint with its calibrated LASER file and the
+workload profiles (package data), and the wheel's packages import without the test tree."""
 
 from __future__ import annotations
 
@@ -35,13 +35,16 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_wheel_ships_presets_checkpoint_and_profiles(wheel):
     from moebalance.harness.config import run_config_presets
-    from moebalance.model_config import model_config_presets, trained_checkpoint
+    from moebalance.model_config import model_config_presets, trained_checkpoints
+
+    assert {"tiny-moe", "fine-moe"} <= set(trained_checkpoints())
 
     names = set(zipfile.ZipFile(wheel).namelist())
     wanted = [
         *(p.relative_to(ROOT) for p in model_config_presets().values()),
         *(p.relative_to(ROOT) for p in run_config_presets().values()),
-        *(p.relative_to(ROOT) for p in trained_checkpoint()),
+        *(p.relative_to(ROOT) for p in (ROOT / "moebalance" / "checkpoints").rglob("*")
+          if p.is_file() and "__pycache__" not in p.parts),
         Path("moebalance/configs/grids/quality.yaml"),
         Path("moebalance/workload_profiles.json"),
     ]
@@ -64,6 +67,9 @@ def test_installed_wheel_finds_its_presets_outside_the_checkout(wheel, tmp_path)
         "assert {'tiny', 'tiny-wide'} <= set(m.model_config_presets());"
         "assert 'demo' in h.run_config_presets();"
         "ckpt, cfg = m.trained_checkpoint(); assert ckpt.is_file() and cfg.is_file();"
+        "assert {'tiny-moe', 'fine-moe'} <= set(m.trained_checkpoints());"
+        "assert all(h.calibrated_laser_file(str(m.trained_checkpoint(n)[0])) is not None"
+        " for n in ('tiny-moe', 'fine-moe'));"
         "m.load_model_config('tiny'); get_preset('olmoe'); print('ok')"
     )
     done = subprocess.run(
