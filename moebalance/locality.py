@@ -1,5 +1,6 @@
 """Routing locality: how consistently consecutive tokens pick the same experts, and what an expert
-cache of a given size would hit (numpy only; offline analysis of recorded routing).
+cache of a given size would hit (numpy, and numba where installed; offline analysis of recorded
+routing).
 
 Definitions follow Liang et al., "Not All Models Suit Expert Offloading: On Local Routing
 Consistency of Mixture-of-Experts Models" (arXiv 2505.16056), as summarised in the project's
@@ -75,6 +76,7 @@ Offloading time (``offload_seconds_per_token``)
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import warnings
 from dataclasses import dataclass
@@ -115,6 +117,10 @@ DEFAULT_RHOS = (1.0, 1.5, 2.0, 3.0, 4.0)
 SAMPLE_LEN = 512
 RESAMPLES = 1000
 CONFIDENCE = 0.95
+#: stack-pass implementations (``stack_hits``): compiled (numba, optional) or numpy
+BACKENDS = ("auto", "numba", "numpy")
+#: numba installed: ``moebalance.locality_jit`` (imported on the first pass) serves "auto"
+HAVE_NUMBA = importlib.util.find_spec("numba") is not None
 MAX_EXPERTS = 1 << 15  # ids are stored int16 in routing records
 
 
@@ -144,6 +150,13 @@ LINKS = {
 
 def _fail(message: str) -> None:
     raise ConfigError(message.replace("\n", " "))
+
+
+def _check_backend(backend: Any) -> None:
+    if backend not in BACKENDS:
+        _fail(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "numba" and not HAVE_NUMBA:
+        _fail("backend 'numba' needs numba installed (pip install 'moebalance[locality]')")
 
 
 def _is_int(value: Any) -> bool:
@@ -332,14 +345,21 @@ def _onehot(ids: np.ndarray, num_experts: int) -> np.ndarray:
     return hot
 
 
-def window_histogram(ids: np.ndarray, samples: Samples, m: int) -> np.ndarray:
+def _cumulative(ids: np.ndarray, num_experts: int) -> np.ndarray:
+    """[N + 1, E] int32: activations of each expert in tokens 0 .. n-1 (row n)."""
+    cs = np.zeros((ids.shape[0] + 1, num_experts), dtype=np.int32)
+    np.cumsum(_onehot(ids, num_experts), axis=0, out=cs[1:])
+    return cs
+
+
+def window_histogram(
+    ids: np.ndarray, samples: Samples, m: int, cumulative: Optional[np.ndarray] = None
+) -> np.ndarray:
     """[S, m + 1] int64: for each sample, how many (window, expert) pairs have f = 0 .. m
-    (windows of ``m`` tokens, stride 1, inside the sample; summed over experts)."""
+    (windows of ``m`` tokens, stride 1, inside the sample; summed over experts).
+    ``cumulative``: ``_cumulative(ids, E)`` when already computed (shared by every m)."""
     m = _check_int("m", m, 1)
-    E = samples.num_experts
-    hot = _onehot(ids, E)
-    cs = np.zeros((ids.shape[0] + 1, E), dtype=np.int32)
-    np.cumsum(hot, axis=0, out=cs[1:])
+    cs = _cumulative(ids, samples.num_experts) if cumulative is None else cumulative
     nwin = np.maximum(samples.lengths - m + 1, 0)
     out = np.zeros((samples.num_samples, m + 1), dtype=np.int64)
     if nwin.sum() == 0:
@@ -408,14 +428,25 @@ class _Events:
         # processed in descending id order, the lowest id of a token ends on top of the
         # stack: experts of one token rank by id, as every other tie does
         self.block = -np.sort(-block, axis=2)
-        B, T, W = self.block.shape
-        self.shape = (B, T, W)
-        t, r, j = np.nonzero(self.block.transpose(1, 0, 2) >= 0)
-        self.r, self.j = r, j
-        self.x = self.block[r, t, j]
-        self.at = np.searchsorted(t, np.arange(T + 1))
-        self.counted = count[r, t]
+        self.count = count
+        self.shape = self.block.shape
+        self._flat: Optional[tuple] = None
         self._next: Optional[np.ndarray] = None
+
+    def _flatten(self) -> tuple:
+        """(r, j, x, at, counted), computed on first use (the numpy pass only)."""
+        if self._flat is None:
+            T = self.shape[1]
+            t, r, j = np.nonzero(self.block.transpose(1, 0, 2) >= 0)
+            at = np.searchsorted(t, np.arange(T + 1))
+            self._flat = (r, j, self.block[r, t, j], at, self.count[r, t])
+        return self._flat
+
+    r = property(lambda self: self._flatten()[0])
+    j = property(lambda self: self._flatten()[1])
+    x = property(lambda self: self._flatten()[2])
+    at = property(lambda self: self._flatten()[3])
+    counted = property(lambda self: self._flatten()[4])
 
     def next_use(self, never: int) -> np.ndarray:
         """For each activation, the next step its expert is used again in its row (``never``
@@ -440,6 +471,7 @@ def stack_hits(
     policy: str,
     m: Optional[int] = None,
     max_capacity: Optional[int] = None,
+    backend: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Hits of every cache size at once, by the priority-stack update.
 
@@ -459,25 +491,35 @@ def stack_hits(
     ``warm[:, :C].sum(1)`` (+ ``cold[:, :C].sum(1)``), for C >= W (the depths of one token's
     experts among themselves are not meaningful below W); depths from ``max_capacity`` on
     are not recorded.
+
+    ``backend``: ``"numba"`` (the compiled pass of ``moebalance.locality_jit``, row by row),
+    ``"numpy"`` (one step of every row at a time) or ``"auto"`` (numba when installed). Both
+    give the same figures.
     """
     return _stack_hits(
-        _Events(np.asarray(block), np.asarray(count)), num_experts, policy, m, max_capacity
+        _Events(np.asarray(block), np.asarray(count)), num_experts, policy, m, max_capacity,
+        backend,
     )
 
 
 def _stack_hits(
     ev: _Events, num_experts: int, policy: str, m: Optional[int] = None,
-    max_capacity: Optional[int] = None,
+    max_capacity: Optional[int] = None, backend: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray]:
     if policy not in POLICIES:
         _fail(f"policy must be one of {POLICIES}, got {policy!r}")
     if policy == "sch":
         m = _check_int("m", m, 1)
+    _check_backend(backend)
     B, T, W = ev.shape
     E = num_experts
     # the kept top of the stack: below it an expert is outside every cache asked about, and
     # the order there never reaches the caches (their contents depend on their own depths)
     D = E if max_capacity is None else _check_int("max_capacity", max_capacity, 1, E)
+    if backend != "numpy" and HAVE_NUMBA:
+        from .locality_jit import stack_hits_rows
+
+        return stack_hits_rows(ev.block, ev.count, E, policy, m, D)
     block = ev.block
     # state is expert-major ([E, B]: one contiguous row per expert or depth); (e, b) is the
     # flat index e * B + b
@@ -690,6 +732,7 @@ def analyse(
     compulsory_misses: bool = True,
     count: Any = None,
     srp: bool = True,
+    backend: str = "auto",
 ) -> dict:
     """SRP(m) and the cache hit rates of every policy and cache size, per layer and averaged
     over layers, with bootstrap intervals (a JSON-ready dict).
@@ -698,7 +741,8 @@ def analyse(
     ``make_samples``. ``windows``: the m of SRP and of SCH; ``rhos``: cache sizes in multiples
     of k; ``policies``: a subset of ``POLICIES``; ``resamples`` (0 = no intervals),
     ``confidence``, ``seed``: the bootstrap; ``compulsory_misses``: see the module docstring;
-    ``srp``: False leaves SRP out (hit rates only).
+    ``srp``: False leaves SRP out (hit rates only); ``backend``: the stack pass's
+    implementation (``stack_hits``).
 
     Returns {"tokens", "samples", "num_experts", "k", "sample_len", "resamples",
     "confidence", "ci_method", "compulsory_misses", "capacities": {rho: C},
@@ -707,6 +751,7 @@ def analyse(
     "mean": the same averaged over layers (SRP and hit rates; hits summed)}. Values in
     percent; "misses_per_token" = misses / counted tokens: the expert loads a token waits for
     in that layer, and in "mean" summed over the layers (a whole forward pass)."""
+    _check_backend(backend)
     samples = make_samples(
         routing, offsets, num_experts=num_experts, k=k, sample_len=sample_len, count=count
     )
@@ -737,8 +782,14 @@ def analyse(
     mean: dict = {"srp": {}, "hit_rate": {}}
 
     # SRP: per sample histograms, summed (and resampled) per layer
-    for m in windows if srp else ():
-        hists = np.stack([window_histogram(samples.layers[l], samples, m) for l in layers])
+    hists_of: dict[int, list] = {m: [] for m in windows} if srp else {}
+    for l in layers:  # one cumulative count per layer, shared by every window
+        cs = _cumulative(samples.layers[l], E) if hists_of else None
+        for m in hists_of:
+            hists_of[m].append(window_histogram(samples.layers[l], samples, m, cs))
+        del cs
+    for m, per_layer in hists_of.items():
+        hists = np.stack(per_layer)
         est, alpha, rho_hat = srp_from_histogram(hists.sum(1), m)  # [L]
         # float32 products: exact to 2**24, ample for a resampled histogram's shape
         resampled = np.matmul(weights.astype(np.float32)[None], hists.astype(np.float32))
@@ -766,7 +817,9 @@ def analyse(
     events = _Events(block, cnt)
     del block
     for label, policy, m in _policy_labels(policies, windows):
-        warm, cold = _stack_hits(events, E, policy, m, max(caps.values()) if caps else None)
+        warm, cold = _stack_hits(
+            events, E, policy, m, max(caps.values()) if caps else None, backend
+        )
         cum = np.cumsum(warm, axis=1)
         if not compulsory_misses:
             cum = cum + np.cumsum(cold, axis=1)

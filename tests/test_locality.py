@@ -104,10 +104,14 @@ def as_ids(seq, width):
     return ids
 
 
-def stack(seq, E, width, policy, m=None, count=None, max_capacity=None):
+#: the stack-pass implementations under test (numba where installed: the test extra has it)
+BACKENDS = ["numpy"] + (["numba"] if lc.HAVE_NUMBA else [])
+
+
+def stack(seq, E, width, policy, m=None, count=None, max_capacity=None, backend="auto"):
     ids = as_ids(seq, width)
     count = np.ones((1, len(seq)), dtype=bool) if count is None else np.asarray(count)[None]
-    return lc.stack_hits(ids[None], count, E, policy, m, max_capacity)
+    return lc.stack_hits(ids[None], count, E, policy, m, max_capacity, backend)
 
 
 def stack_hits_at(seq, E, width, policy, C, m=None, compulsory=True):
@@ -256,17 +260,18 @@ def test_sch_is_not_always_better_than_lru():
     assert stack_hits_at(seq, 3, 1, "belady", 2) == 3 == optimal_hits(seq, 2)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @settings(SETTINGS, max_examples=max(SETTINGS.max_examples, 60))
 @given(data=traces(), m=st.integers(1, 6), compulsory=st.booleans(), top=st.integers(0, 6))
-def test_stack_pass_equals_direct_simulation_of_every_size(data, m, compulsory, top):
+def test_stack_pass_equals_direct_simulation_of_every_size(backend, data, m, compulsory, top):
     """One priority-stack pass gives every cache size the hits its own simulation gets, also
     when only the top of the stack (the largest cache asked about) is kept."""
     seq, E, k = data
     kept = min(E, k + top)
     for policy in lc.POLICIES:
         mm = m if policy == "sch" else None
-        warm, cold = stack(seq, E, k, policy, mm)
-        short, _ = stack(seq, E, k, policy, mm, max_capacity=kept)
+        warm, cold = stack(seq, E, k, policy, mm, backend=backend)
+        short, _ = stack(seq, E, k, policy, mm, max_capacity=kept, backend=backend)
         for C in range(k, E + 1):
             want = direct_hits(seq, C, policy, mm, compulsory)
             got = int(warm[0, :C].sum() + (0 if compulsory else cold[0, :C].sum()))
@@ -276,18 +281,69 @@ def test_stack_pass_equals_direct_simulation_of_every_size(data, m, compulsory, 
                 assert got == want, (policy, C, kept)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @SETTINGS
 @given(data=traces(max_k=2))
-def test_tokens_with_more_experts_than_slots(data):
+def test_tokens_with_more_experts_than_slots(backend, data):
     """An expanded-drop token may use more experts than the cache holds: hits are those
     resident on arrival, and the cache keeps the token's lowest ids."""
     seq, E, k = data
     wide = [sorted(set(t) | {E}) for t in seq]  # one more expert on every token
     for policy in lc.POLICIES:
         mm = 3 if policy == "sch" else None
-        warm, cold = stack(wide, E + 1, k + 1, policy, mm)
+        warm, cold = stack(wide, E + 1, k + 1, policy, mm, backend=backend)
         for C in range(k + 1, E + 2):
             assert int(warm[0, :C].sum()) == direct_hits(wide, C, policy, mm), (policy, C)
+
+
+@st.composite
+def blocks(draw):
+    """(block [B, T, W], count [B, T], E): rows of different lengths (-1 padded), tokens with
+    fewer experts than W (none at all included), a counted mask."""
+    E = draw(st.integers(1, 10))
+    W = draw(st.integers(1, min(E, 4)))
+    B, T = draw(st.integers(1, 4)), draw(st.integers(1, 20))
+    block = np.full((B, T, W), -1, dtype=np.int64)
+    for b in range(B):
+        for t in range(draw(st.integers(0, T))):
+            n = draw(st.integers(0, W))
+            block[b, t, :n] = draw(st.permutations(range(E)))[:n]
+    count = np.array(draw(st.lists(st.booleans(), min_size=B * T, max_size=B * T))).reshape(B, T)
+    return block, count, E
+
+
+@pytest.mark.skipif(not lc.HAVE_NUMBA, reason="numba not installed")
+@settings(SETTINGS, max_examples=max(SETTINGS.max_examples, 80))
+@given(data=blocks(), m=st.integers(1, 8), kept=st.integers(1, 10))
+def test_compiled_pass_is_the_numpy_pass_on_every_row(data, m, kept):
+    """The numba pass (row by row) and the numpy pass (every row at once) return the same
+    warm and cold counts, element for element, for every policy and kept top."""
+    block, count, E = data
+    for policy in lc.POLICIES:
+        mm = m if policy == "sch" else None
+        a = lc.stack_hits(block, count, E, policy, mm, min(kept, E), backend="numpy")
+        b = lc.stack_hits(block, count, E, policy, mm, min(kept, E), backend="numba")
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]), policy
+
+
+@pytest.mark.skipif(not lc.HAVE_NUMBA, reason="numba not installed")
+def test_analyse_is_the_same_with_either_pass():
+    rng = np.random.default_rng(3)
+    routing = {l: np.argsort(rng.random((700, 12)), axis=1)[:, :3] for l in range(3)}
+    routing[1][::7, 2] = -1  # dropped routes
+    offsets = [0, 90, 400, 700]
+    kw = dict(num_experts=12, k=3, sample_len=128, resamples=50, windows=(4, 16))
+    assert lc.analyse(routing, offsets, backend="numpy", **kw) == lc.analyse(
+        routing, offsets, backend="numba", **kw)
+
+
+def test_a_missing_numba_is_named(monkeypatch):
+    monkeypatch.setattr(lc, "HAVE_NUMBA", False)
+    with pytest.raises(ConfigError, match="^backend 'numba' needs numba installed"):
+        lc.analyse({0: np.zeros((4, 1), dtype=np.int64)}, num_experts=2, backend="numba")
+    warm, _ = lc.stack_hits(np.zeros((1, 3, 1), dtype=np.int64), np.ones((1, 3), bool), 2,
+                            "lru")  # auto: the numpy pass
+    assert warm[0].tolist() == [2, 0]
 
 
 @SETTINGS
@@ -488,6 +544,9 @@ def test_bad_offload_and_cache_aware_input():
         lc.cache_aware_choice(np.array([[0, 1, 2]]), 4, 4, num_experts=4)
     with pytest.raises(ConfigError, match="^policy must be one of"):
         lc.stack_hits(np.zeros((1, 2, 1), dtype=np.int64), np.ones((1, 2), bool), 2, "mru")
+    with pytest.raises(ConfigError, match="^backend must be one of"):
+        lc.stack_hits(np.zeros((1, 2, 1), dtype=np.int64), np.ones((1, 2), bool), 2, "lru",
+                      backend="cuda")
 
 
 # ----------------------------------------------------------------------------- the script
