@@ -2,14 +2,15 @@
 """What each balancing router costs (or buys) in routing locality, on the shipped models.
 
 For each model (``--models``) and router (vanilla top-k, LASER with the paper's parameters
-and with the model's calibrated ones, token drop and expanded drop at gamma 1.5) one
-``scripts/infer.py --record-routing`` run at EP ``--ep`` records every MoE layer's expert
-choices (prefill, decode and the held-out text of both domains, same prompts for every
-router); ``scripts/locality.py --by-domain`` then computes SRP, SCH, LRU, LFU and Belady hit
-rates per record (LASER calibrated only where the model ships a calibrated file). ``--out`` (JSON, and Markdown beside it) holds per (model, router, scope)
-the prefill MV and perplexity change of the run beside SRP(16), the hit rates at rho = 2
-(cache of 2k experts) and the simulated expert-loading time per decoded token (LRU,
-PCIe 4.0 x16). Each run's own JSON, record and locality report stay under ``--work``.
+and, where the model ships a calibrated file, with its calibrated ones, token drop and
+expanded drop at gamma 1.5, top-k with replicas) one ``scripts/infer.py --record-routing`` run
+at EP ``--ep`` records every MoE layer's expert choices (prefill, decode and the held-out text
+of both domains, same prompts for every router); ``scripts/locality.py --by-domain`` then
+computes SRP, SCH, LRU, LFU and Belady hit rates per record. ``--out`` (JSON, and Markdown
+beside it) holds per (model, router, scope) the prefill MV and perplexity change of the run
+beside SRP(16), the hit rates at rho = 2 (cache of 2k experts) and the simulated
+expert-loading time per decoded token (LRU, PCIe 4.0 x16). Each run's own JSON, record and
+locality report stay under ``--work``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moebalance.config import ConfigError  # noqa: E402
+from moebalance.harness.config import PAPER_ARGS  # noqa: E402
 from moebalance.harness.cli import OneLineParser, run_step  # noqa: E402
 from moebalance.harness.report import cpu_name, git_commit, utc_now, write_json  # noqa: E402
 from moebalance.files import write_text_atomic  # noqa: E402
@@ -36,14 +38,9 @@ def routers(model: str) -> dict[str, list[str]]:
     ones, token drop and expanded drop at gamma 1.5, and top-k with replicas planned on a
     calibration pass (``--replicate auto``: the record holds logical experts, so its locality
     is top-k's; its MV is over physical slots)."""
-    try:
-        from moebalance.harness.config import PAPER_ARGS
-    except ImportError:  # no calibrated defaults: plain laser runs the paper's parameters
-        PAPER_ARGS = None
     out = {"topk": ["--router", "topk"],
-           "laser (paper)": ["--router", "laser"] + (["--router-args-file", PAPER_ARGS]
-                                                      if PAPER_ARGS else [])}
-    if PAPER_ARGS and (ROOT / "moebalance" / "checkpoints" / model / "laser.yaml").is_file():
+           "laser (paper)": ["--router", "laser", "--router-args-file", PAPER_ARGS]}
+    if (ROOT / "moebalance" / "checkpoints" / model / "laser.yaml").is_file():
         out["laser (calibrated)"] = ["--router", "laser", "--router-args-file", "calibrated"]
     out["token_drop g=1.5"] = ["--router", "token_drop", "--router-args", "capacity_factor=1.5"]
     out["expanded_drop g=1.5"] = ["--router", "expanded_drop", "--router-args",
