@@ -782,7 +782,7 @@ def markdown(records: list[dict], config: dict, env: dict, compiled: dict | None
             "## torch.compile(fullgraph=True) on CPU",
             "",
             f"Each policy function compiled in a fresh process on {COMPILE_TOKENS} tokens of the "
-            f"first workload (after one eager call), then compared with the eager call; where "
+            f"first workload (before any eager call), then compared with the eager call; where "
             "the decisions differ, compiled again with inductor's buffer reuse off "
             "(`torch._inductor.config.allow_buffer_reuse = False`).",
             "",
@@ -815,9 +815,9 @@ def _compile_one(queue, name: str, workload: Workload, laser_params) -> None:
         policy = get_policy(name)
         params = laser_params if name == "laser" else policy.params()
         ctx = RoutingContext()
-        with torch.no_grad():
-            eager = policy.fn(logits, gate, params, ctx)
+        with torch.no_grad():  # compiled first: tracing must not rely on an eager call's caches
             compiled = torch.compile(policy.fn, fullgraph=True)(logits, gate, params, ctx)
+            eager = policy.fn(logits, gate, params, ctx)
         result["compiled"] = True
         result["same_decisions"] = bool(torch.equal(eager.routing_map, compiled.routing_map))
         result["tokens_differing"] = float((eager.routing_map != compiled.routing_map).any(1).float().mean())

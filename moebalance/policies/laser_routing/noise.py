@@ -20,7 +20,17 @@ def fixed_noise(rows: int, cols: int, device: torch.device, seed: int) -> torch.
     Drawn on the CPU from ``seed`` in row-major order and moved to ``device``: the same values
     on every device, and row t is the same whatever ``rows`` a call asks for (a table grown on
     demand and sliced), so batches of different sizes share one table per (cols, device).
+    Under ``torch.compile`` the lookup is an opaque op (``moebalance::fixed_noise``, a copy of
+    the rows): tracing never meets the table's lock or generator, whether or not an eager
+    call drew the table first.
     """
+    if torch.compiler.is_compiling():
+        return _noise_op(rows, cols, seed, device)
+    return _table(rows, cols, device, seed)[:rows]
+
+
+def _table(rows: int, cols: int, device: torch.device, seed: int) -> torch.Tensor:
+    """The cached table of at least ``rows`` rows for (seed, cols, device)."""
     key = (seed, cols, str(device))
     table = _NOISE.get(key)
     if table is None or table.shape[0] < rows:
@@ -38,4 +48,15 @@ def fixed_noise(rows: int, cols: int, device: torch.device, seed: int) -> torch.
                     # (non-negative prices + noise) can use the int32 view of the floats
                     table = (torch.log(-torch.log(u)) + 28.0).float().to(device)
                 _NOISE[key] = table
-    return table[:rows]
+    return table
+
+
+@torch.library.custom_op("moebalance::fixed_noise", mutates_args=())
+def _noise_op(rows: int, cols: int, seed: int, device: torch.device) -> torch.Tensor:
+    # a copy: a compiled graph owns its outputs (it may reuse their buffers)
+    return _table(rows, cols, device, seed)[:rows].clone()
+
+
+@_noise_op.register_fake
+def _(rows, cols, seed, device):
+    return torch.empty((rows, cols), dtype=torch.float32, device=device)

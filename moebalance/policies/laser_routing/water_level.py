@@ -24,7 +24,10 @@ def capped_water_level(base: torch.Tensor, need: torch.Tensor, limit: torch.Tens
     solved for the level it would give, and the segment that crosses ``need`` is picked with
     a tensor index (no loop, no host synchronisation: about 25 small tensor ops).
     """
-    bp = torch.sort(torch.cat([base, base + limit]))[0]
+    # [2E] breakpoints as one broadcast op, not a cat of base: CPU inductor (torch 2.13) lets
+    # a cat's output alias its inputs and then reuses that buffer while base is still read
+    step = torch.arange(2, dtype=base.dtype, device=base.device).unsqueeze(1)  # [[0], [1]]
+    bp = torch.sort((base + step * limit).reshape(-1))[0]
     fill = (bp.unsqueeze(1) - base).clamp_(min=0)
     fill = torch.minimum(fill, limit).sum(dim=1)  # [2E] the sum at each breakpoint
     lo, hi, fill_lo = bp[:-1], bp[1:], fill[:-1]
