@@ -22,7 +22,7 @@ def capped_water_level(base: torch.Tensor, need: torch.Tensor, limit: torch.Tens
     0-dim float. The sum is piecewise linear in L with breakpoints base_e and base_e + limit_e:
     it is evaluated at all 2E breakpoints at once, every segment between two breakpoints is
     solved for the level it would give, and the segment that crosses ``need`` is picked with
-    a tensor index (no loop, no host synchronisation: about 25 small tensor ops).
+    a tensor index (no loop, no host synchronisation: about 30 small tensor ops).
     """
     # [2E] breakpoints as one broadcast op, not a cat of base: CPU inductor (torch 2.13) lets
     # a cat's output alias its inputs and then reuses that buffer while base is still read
