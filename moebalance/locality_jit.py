@@ -6,7 +6,7 @@ updates every (layer, sample) row at once, touching an [E, rows] state per step.
 same update runs row by row over the kept top of the stack only: O(D) work per activation (D =
 the largest cache asked about) instead of O(E) per row and step, and no temporary arrays.
 
-The decisions are the numpy pass's, bit for bit (``tests/test_locality.py`` checks both on the
+The counts are the numpy pass's, element for element (``tests/test_locality.py`` checks both on the
 same traces): the same keys (priority << bits | tie, the current token's experts on top), the
 same order of a token's experts (descending id), the same Mattson carry. ``numba`` is an
 optional dependency (the ``locality`` extra): ``locality`` imports this module on the first
@@ -157,9 +157,8 @@ def stack_hits_rows(
     """(warm [B, E], cold [B, E]) of ``locality.stack_hits`` for a block whose tokens' ids are
     sorted descending (-1 last). ``m`` is read for ``sch`` only; ``depth_kept`` = the kept top
     of the stack (the largest cache asked about)."""
-    B, T, W = block.shape
-    warm = np.zeros((B, num_experts), dtype=np.int64)
-    cold = np.zeros((B, num_experts), dtype=np.int64)
+    warm = np.zeros((block.shape[0], num_experts), dtype=np.int64)
+    cold = np.zeros((block.shape[0], num_experts), dtype=np.int64)
     bits = max(1, (num_experts - 1).bit_length())  # as the numpy pass's keys
     rows(np.ascontiguousarray(block, dtype=np.int64), np.ascontiguousarray(count, dtype=np.bool_),
          num_experts, POLICY_CODES[policy], int(m or 1), int(depth_kept), bits, warm, cold)

@@ -48,8 +48,8 @@ def parse_args(argv=None):
             if len(parts) != 2 or not all(x.isdigit() for x in parts):
                 raise ConfigError(f"--shapes must be E x k pairs such as 64x8, got {item!r}")
             E, k = map(int, parts)
-            if not 1 <= k <= E:
-                raise ConfigError(f"--shapes: k must be in [1, E], got {item!r}")
+            if not 1 <= 4 * k <= E:  # the largest default cache, rho = 4, holds 4k experts
+                raise ConfigError(f"--shapes: k must be in [1, E / 4] (rho up to 4), got {item!r}")
             shapes.append((E, k))
         args.shapes = shapes
         for name in ("tokens", "layers", "seq_len"):
@@ -85,6 +85,8 @@ def timed(fn):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import numba  # installed: parse_args checked
+
     offsets = np.append(np.arange(0, args.tokens, args.seq_len), args.tokens)
     rows = []
     for E, k in args.shapes:
@@ -105,7 +107,7 @@ def main(argv=None) -> int:
         sys.argv[1:] if argv is None else argv)
     doc = {"command": command.strip(), "created": utc_now(), "git_commit": git_commit(),
            "cpu": cpu_name(), "cpu_count": os.cpu_count(),
-           "numba_threads": int(os.environ.get("NUMBA_NUM_THREADS", os.cpu_count() or 1)),
+           "numba_threads": numba.get_num_threads(),
            "tokens": args.tokens, "layers": args.layers, "seq_len": args.seq_len,
            "analysis": "scripts/locality.py defaults: m in {4, 16, 64, 256}; sch (each m), lru, "
                        "lfu, belady at rho in {1, 1.5, 2, 3, 4}; 1000 resamples",
